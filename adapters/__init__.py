@@ -1,0 +1,1 @@
+"""Built-in adapters, registered through the blockquant.adapters entry-point group."""

@@ -1,0 +1,1 @@
+"""gemma4 adapter (skeleton)."""

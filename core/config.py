@@ -1,0 +1,127 @@
+"""Quantization schemes and run settings, as dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+SCHEMES = {
+    "W2A16": dict(bits=2, group_size=64, sym=True),
+    "W3A16": dict(bits=3, group_size=128, sym=True),
+    "W4A16": dict(bits=4, group_size=128, sym=True),
+    "W8A16": dict(bits=8, group_size=128, sym=True),
+}
+FORMATS = ("auto_round", "auto_gptq", "fake")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Integer weight quantization: ``bits`` per weight, one scale (and zero) per ``group_size``
+    inputs of an output channel (-1: one group spans the whole input), symmetric or not."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    data_type: str = "int"
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise UsageError(f"--bits {self.bits} is not supported; use 2, 3, 4 or 8")
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+            raise UsageError(
+                f"--group_size {self.group_size} is invalid; use -1 (per channel) or a positive multiple of 8 "
+                "(32, 64, 128, ...)"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_args(cls, scheme: str | None, bits=None, group_size=None, sym=None) -> "QuantScheme":
+        base = dict(SCHEMES["W4A16"])
+        if scheme:
+            key = scheme.upper()
+            if key not in SCHEMES:
+                raise UsageError(f"unknown --scheme {scheme}; choose one of {', '.join(SCHEMES)}")
+            base = dict(SCHEMES[key])
+        if bits is not None:
+            base["bits"] = bits
+        if group_size is not None:
+            base["group_size"] = group_size
+        if sym is not None:
+            base["sym"] = sym
+        return cls(**base)
+
+
+@dataclass
+class RunSettings:
+    """Everything a quantization run is told.  ``fingerprint()`` identifies the settings that
+    change the output, so that a resume with different settings is refused."""
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    iters: int = 200
+    lr: float | None = None           # None: 1 / iters
+    minmax_lr: float | None = None    # None: lr
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 8
+    gradient_accumulate_steps: int = 1
+    dataset: str | None = None        # None: offline default corpus
+    seed: int = 42
+    device: str = "auto"
+    device_map: str | None = None
+    cache_device: str | None = None   # None: same as device
+    to_quant_block_names: str | None = None
+    ignore_layers: tuple[str, ...] = ()
+    format: str = "auto_round"
+    output_dir: str | None = None
+    overwrite: bool = False
+    fresh: bool = False               # discard an interrupted run's state instead of resuming
+    max_shard_size: int = 2 * 1024 ** 3
+    variable_inputs: str | None = None    # override the adapter's policy
+    quant_vision: bool = False        # VLMs: also quantize the vision tower's blocks
+    images: str | None = None         # folder / .jsonl of images for image+text calibration
+    num_inference_steps: int = 4      # diffusion calibration
+    verbose: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "num_inference_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UsageError(f"--{name} must be a positive integer (got {value})")
+        if self.iters < 0:
+            raise UsageError(f"--iters must be 0 (RTN) or positive (got {self.iters})")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else (1.0 / self.iters if self.iters else 0.0)
+
+    @property
+    def effective_minmax_lr(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.effective_lr
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the output bytes."""
+        keys = ("iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
+                "dataset", "seed", "to_quant_block_names", "ignore_layers", "format", "variable_inputs",
+                "quant_vision", "images", "num_inference_steps")
+        out = {k: getattr(self, k) for k in keys}
+        out["ignore_layers"] = list(self.ignore_layers)
+        out["scheme"] = dataclasses.asdict(self.scheme)
+        return out
+
+    def fingerprint_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

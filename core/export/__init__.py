@@ -1,0 +1,1 @@
+"""Exporters for on-disk quantized formats."""
