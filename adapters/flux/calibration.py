@@ -1,0 +1,211 @@
+"""FLUX calibration: pipeline runs over prompts, with the transformer's first block captured at every step.
+
+The denoising trajectory problem: step k+1's latents are the scheduler's update of step k's latents
+with the transformer's *output*.  Stopping the transformer after its first block (as the engine does
+for language models) leaves no output, so later steps would see no realistic latents.  Two modes
+(``settings.extra["flux_trajectory"]``):
+
+- ``"denoise"`` (default): the real trajectory.  The transformer runs in full at every step except
+  the last, whose output nothing needs: there the forward stops right after the first block's inputs
+  are taken, and the VAE never runs (latent output).  Costs one fp generation per prompt, with blocks
+  still streamed one at a time, so memory stays at one block.
+- ``"capture_only"``: the requirement taken literally - at every step the transformer stops after its
+  first block.  The pipeline still advances: the adapter answers the step with the flow-matching
+  velocity ``noise - x0``, so the step-k latents are exactly the forward process
+  ``(1 - sigma_k) x0 + sigma_k noise`` the model was trained on.  ``x0`` is the VAE latent of a
+  calibration image when ``settings.images`` names a folder of images, else 0 (latents are then noise
+  scaled to each step's sigma: correct noise levels and timesteps, no image content).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import torch
+
+from blockquant.capture import StopForward
+from blockquant.errors import DataError, UsageError
+
+from .prompts import read_prompts
+
+log = logging.getLogger("blockquant")
+
+MODES = ("denoise", "capture_only")
+PIPELINE_ATTR = "_blockquant_pipeline"
+RUN_ATTR = "_blockquant_flux_run"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class _SkipRest(Exception):
+    """Ends a transformer forward after its first block (capture_only mode)."""
+
+
+def attach_pipeline(transformer, pipeline) -> None:
+    """Remember which pipeline drives ``transformer`` (a plain attribute: a pipeline is no nn.Module)."""
+    object.__setattr__(transformer, PIPELINE_ATTR, pipeline)
+
+
+def pipeline_of(transformer):
+    pipe = getattr(transformer, PIPELINE_ATTR, None)
+    if pipe is None:
+        raise UsageError(
+            "this FLUX transformer has no pipeline attached; load the pipeline folder with the flux adapter "
+            "(quant --adapter flux PIPELINE_FOLDER) so that calibration can run its denoising loop"
+        )
+    return pipe
+
+
+def _extra(settings, key, default):
+    return (getattr(settings, "extra", None) or {}).get(key, default)
+
+
+def calibration_plan(transformer, source, settings) -> list[dict]:
+    """One batch per pipeline run: a prompt, its noise seed, resolution, steps and trajectory mode."""
+    pipe = pipeline_of(transformer)
+    mode = _extra(settings, "flux_trajectory", "denoise")
+    if mode not in MODES:
+        raise UsageError(f"flux_trajectory '{mode}' is unknown; choose one of {', '.join(MODES)}")
+    spec = getattr(source, "spec", None) if source is not None else None
+    prompts = read_prompts(spec)
+    sample_size = getattr(getattr(pipe, "vae", None), "config", {}).get("sample_size", 1024) if pipe.vae else 1024
+    size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
+    height = int(_extra(settings, "height", size))
+    width = int(_extra(settings, "width", size))
+    multiple = pipe.vae_scale_factor * 2
+    if height % multiple or width % multiple:
+        raise UsageError(f"FLUX calibration needs height and width divisible by {multiple} (got {height}x{width})")
+    images = _image_files(settings.images) if mode == "capture_only" and settings.images else []
+    batches = []
+    for i in range(settings.nsamples):
+        batches.append(dict(
+            prompt=prompts[i % len(prompts)], seed=settings.seed + i, height=height, width=width,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=float(_extra(settings, "guidance_scale", 3.5)),
+            max_sequence_length=min(settings.seqlen, 512), mode=mode,
+            image=images[i % len(images)] if images else None,
+        ))
+    if len(prompts) < settings.nsamples:
+        log.info("flux: %d prompts reused for %d pipeline runs (each run has its own noise seed)",
+                 len(prompts), settings.nsamples)
+    log_cache_prediction(transformer, pipe, batches)
+    return batches
+
+
+def predicted_cache_bytes(transformer, pipe, batches: list[dict]) -> dict:
+    """Steps x prompts x tokens x width of the two streams (+ temb per sample) that capture will hold."""
+    if not batches:
+        return {"samples": 0, "tokens": 0, "bytes": 0}
+    b = batches[0]
+    patch = pipe.vae_scale_factor * 2
+    image_tokens = (b["height"] // patch) * (b["width"] // patch)
+    text_tokens = b["max_sequence_length"]
+    dim = transformer.inner_dim
+    size = transformer.x_embedder.weight.element_size()
+    samples = len(batches) * b["num_inference_steps"]
+    per_sample = (image_tokens + text_tokens) * dim * size + dim * size
+    return {"samples": samples, "tokens": image_tokens + text_tokens, "image_tokens": image_tokens,
+            "text_tokens": text_tokens, "dim": dim, "bytes": samples * per_sample}
+
+
+def log_cache_prediction(transformer, pipe, batches) -> dict:
+    p = predicted_cache_bytes(transformer, pipe, batches)
+    if p["samples"]:
+        log.info(
+            "flux calibration: %d prompts x %d steps = %d samples of %d tokens (%d image + %d text) x %d: "
+            "about %.3f GiB of cached block inputs (streams + temb)",
+            len(batches), batches[0]["num_inference_steps"], p["samples"], p["tokens"], p["image_tokens"],
+            p["text_tokens"], p["dim"], p["bytes"] / 2 ** 30,
+        )
+    return p
+
+
+def _image_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DataError(f"--images {folder} is not a folder; pass a folder of .png/.jpg images")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise DataError(f"--images {folder} holds no .png/.jpg/.webp images")
+    return files
+
+
+def _second_block(transformer):
+    chain = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return chain[1] if len(chain) > 1 else None
+
+
+def install_stop_hook(transformer, register) -> None:
+    """Register (through ``register(module, fn)``) the pre-hook that ends a step's forward after block 0.
+
+    It fires only while ``run_pipeline`` runs: at the last step (both modes) and at every step in
+    capture_only mode.  ``pre_cache`` installs it for capture only, so other forwards run in full.
+    """
+    second = _second_block(transformer)
+    if second is None:
+        return
+
+    def hook(module, args, kwargs):
+        run = getattr(transformer, RUN_ATTR, None)
+        if run is None:
+            return
+        if run["mode"] == "capture_only":
+            raise _SkipRest
+        if run["step"] == run["steps"] - 1:
+            raise StopForward
+
+    register(second, hook)
+
+
+def _image_latents(pipe, path, height, width, device, dtype):
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, pipe.vae.dtype)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean
+    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    packed = pipe._pack_latents(latents, 1, latents.shape[1], latents.shape[2], latents.shape[3])
+    return packed.to(dtype)
+
+
+def run_pipeline(transformer, batch: dict) -> None:
+    """Run one calibration prompt through the pipeline (the transformer's first block gets captured)."""
+    pipe = pipeline_of(transformer)
+    device = transformer.x_embedder.weight.device
+    dtype = transformer.x_embedder.weight.dtype
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=batch["prompt"], prompt_2=None, device=device, max_sequence_length=batch["max_sequence_length"])
+    run = {"mode": batch["mode"], "step": 0, "steps": batch["num_inference_steps"], "noise": None, "x0": None}
+    if batch["mode"] == "capture_only" and batch.get("image"):
+        run["x0"] = _image_latents(pipe, batch["image"], batch["height"], batch["width"], device, dtype)
+    original = transformer.forward
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if run["noise"] is None:
+            run["noise"] = hidden.detach().clone()    # sigma = 1 at the first step: pure noise
+        try:
+            return original(*args, **kwargs)
+        except _SkipRest:
+            x0 = run["x0"] if run["x0"] is not None else torch.zeros_like(run["noise"])
+            velocity = (run["noise"] - x0).to(hidden.dtype)
+            return (velocity,) if not kwargs.get("return_dict", True) else types.SimpleNamespace(sample=velocity)
+
+    def step_done(pipeline, step, timestep, callback_kwargs):
+        run["step"] = step + 1
+        return {}
+
+    object.__setattr__(transformer, RUN_ATTR, run)
+    transformer.forward = types.MethodType(forward, transformer)
+    try:
+        pipe(
+            prompt_embeds=prompt_embeds.to(dtype), pooled_prompt_embeds=pooled.to(dtype),
+            height=batch["height"], width=batch["width"], num_inference_steps=batch["num_inference_steps"],
+            guidance_scale=batch["guidance_scale"], max_sequence_length=batch["max_sequence_length"],
+            generator=torch.Generator("cpu").manual_seed(batch["seed"]), output_type="latent",
+            callback_on_step_end=step_done,
+        )
+    finally:
+        del transformer.forward
+        object.__delattr__(transformer, RUN_ATTR)

@@ -1,0 +1,162 @@
+"""Tiny, randomly initialised Qwen2.5-VL and Qwen3-VL models with a working processor, built offline.
+
+``example_qwen25()`` and ``example_qwen3()`` return a ``blockquant.ExampleModel`` whose ``save(folder)``
+writes a hub-like folder (config.json, generation_config.json, model.safetensors, tokenizer files,
+preprocessor_config.json, chat_template.json) that the adapter's loader reads back.  The Qwen3-VL
+model has two deepstack layers (visual features added after text layers 0 and 1).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+
+from blockquant import ExampleModel
+from blockquant.image_data import COLORS, SHAPES
+
+from .processor import assemble
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+VOCAB_SIZE = 336          # model vocabulary (the tokenizer has 327 tokens)
+BPE_SIZE = 320            # byte-level base + merges learnt from the corpus below
+
+# A chat template in the Qwen style: images become <|vision_start|><|image_pad|><|vision_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    words = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in COLORS if b != c]
+    words += ["Describe the image.", "What is in this picture?", "The image shows", "user", "assistant", "system"]
+    return words
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> tuple[dict, list]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    return model["vocab"], [tuple(m) for m in model["merges"]]
+
+
+def tiny_tokenizer():
+    """A ``Qwen2Tokenizer`` (byte-level BPE) with the Qwen chat and vision special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _bpe()
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    return tokenizer
+
+
+def tiny_image_processor(patch_size: int):
+    """The Pillow Qwen-VL image processor, capped at 8x8 patches (16 image tokens) per image."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    unit = patch_size * 2
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                    min_pixels=(2 * unit) ** 2, max_pixels=(4 * unit) ** 2)
+
+
+def _token_ids(tokenizer) -> dict:
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return ids
+
+
+def _text_config(tokenizer, mrope_section) -> dict:
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+                bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+
+
+def qwen25_config(tokenizer):
+    """Qwen2.5-VL: 4 text layers, 4 vision blocks (1 and 3 full attention, 0 and 2 windowed)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1, 3])
+    return Qwen2_5_VLConfig(text_config=_text_config(tokenizer, [4, 6, 6]), vision_config=vision,
+                            **_token_ids(tokenizer))
+
+
+def qwen3_config(tokenizer):
+    """Qwen3-VL: 4 text layers, 4 vision blocks, deepstack features from vision blocks 0 and 2."""
+    from transformers import Qwen3VLConfig
+
+    text = _text_config(tokenizer, [6, 5, 5])
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 2])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **_token_ids(tokenizer))
+
+
+def _build(model_class, config, seed: int):
+    torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    model = model_class(config).eval()
+    with torch.no_grad():   # random init with a scale that keeps activations lively in 4 layers
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = config.get_text_config().eos_token_id
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    return model
+
+
+def save_folder(model, processor, folder: str) -> None:
+    """Write ``model`` and its processor's parts as a hub-like folder."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    model_type = model.config.model_type
+    processor_class = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[model_type]
+    path = os.path.join(folder, "preprocessor_config.json")
+    with open(path) as f:
+        pre = json.load(f)
+    pre["processor_class"] = processor_class
+    with open(path, "w") as f:
+        json.dump(pre, f, indent=2)
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": processor.chat_template}, f, indent=2)
+
+
+def _example(name: str, model_class_name: str, config_fn, patch_size: int, seed: int) -> ExampleModel:
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    config = config_fn(tokenizer)
+    model = _build(getattr(transformers, model_class_name), config, seed)
+    processor = assemble(config.model_type, tiny_image_processor(patch_size), tokenizer, CHAT_TEMPLATE)
+    return ExampleModel(name=name, model=model, processor=processor,
+                        save=lambda folder: save_folder(model, processor, folder))
+
+
+def example_qwen25(seed: int = 0) -> ExampleModel:
+    """A tiny Qwen2_5_VLForConditionalGeneration (about 0.3M parameters) and its processor."""
+    return _example("tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", qwen25_config, 14, seed)
+
+
+def example_qwen3(seed: int = 0) -> ExampleModel:
+    """A tiny Qwen3VLForConditionalGeneration with deepstack layers and its processor."""
+    return _example("tiny-qwen3-vl", "Qwen3VLForConditionalGeneration", qwen3_config, 16, seed)

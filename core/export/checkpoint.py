@@ -1,0 +1,107 @@
+"""Finishing a checkpoint: the tensors outside the blocks, configs, the source folder's other files,
+and the atomic rename of ``OUT.partial`` to ``OUT``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..errors import ResourceError, UsageError
+
+
+def check_output(output_dir: str, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder (unless overwrite) and an unwritable parent."""
+    if os.path.isfile(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file; choose a folder path")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise UsageError(f"output folder {output_dir} exists and is not empty; pass --overwrite or choose another --output_dir")
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create {parent} for the output ({e.strerror}); choose another --output_dir") from e
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent} is not writable; choose another --output_dir")
+
+
+def outside_tensors(model: torch.nn.Module, block_prefixes: list[str], store=None) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the quantized blocks, in its own dtype (tied copies skipped)."""
+    inside = tuple(p + "." for p in block_prefixes)
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(inside):
+            continue
+        if tensor.device.type == "meta":
+            if store is not None and name in store:
+                tensor = store.get(name)
+            else:
+                continue
+        key = id(tensor)
+        if key in seen:   # tied weights are saved once, as transformers does
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def weight_files(prefix: str) -> tuple[str, ...]:
+    return (f"{prefix}.safetensors", f"{prefix}.safetensors.index.json")
+
+
+def copy_source_files(source: str, partial: str, subfolder: str, prefix: str) -> list[str]:
+    """Copy what a user needs to run the model (tokenizer, processor, templates, other pipeline parts)."""
+    copied = []
+    for root, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(root, source)
+        rel = "" if rel == "." else rel
+        for file in sorted(files):
+            if file.startswith("."):
+                continue
+            in_component = rel == subfolder
+            if in_component and (file == "config.json" or _is_weight(file, prefix)):
+                continue
+            if file.endswith((".bin", ".pt", ".pth", ".ckpt")) and in_component:
+                continue
+            dst_dir = os.path.join(partial, rel)
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copy2(os.path.join(root, file), os.path.join(dst_dir, file))
+            copied.append(os.path.join(rel, file))
+    return copied
+
+
+def _is_weight(file: str, prefix: str) -> bool:
+    return file.startswith(prefix) and (file.endswith(".safetensors") or file.endswith(".safetensors.index.json"))
+
+
+def write_configs(source_config: str, target_dir: str, qconfig: dict) -> None:
+    with open(source_config) as f:
+        config = json.load(f)
+    config["quantization_config"] = qconfig
+    os.makedirs(target_dir, exist_ok=True)
+    for name, obj in (("config.json", config), ("quantization_config.json", qconfig)):
+        with open(os.path.join(target_dir, name), "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def publish(partial: str, output_dir: str) -> None:
+    """Rename the finished partial folder to the output folder (replacing an old one if allowed)."""
+    old = None
+    if os.path.exists(output_dir):
+        old = output_dir.rstrip("/") + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(output_dir, old)
+    try:
+        os.replace(partial, output_dir)
+    except OSError as e:
+        if old:
+            os.replace(old, output_dir)
+        raise ResourceError(f"could not move {partial} to {output_dir} ({e.strerror})") from e
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

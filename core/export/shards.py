@@ -1,0 +1,243 @@
+"""Write tensors into size-capped safetensors shards, resumably and deterministically.
+
+Tensors arrive in groups (one block's tensors, say) through ``add``.  A shard is closed when the
+next group would take it past ``max_shard_size`` (a group larger than the limit gets a shard of its
+own).  ``flush`` moves the buffered tensors to a part file on disk without closing the shard, so the
+caller can free memory and record ``state()`` after every block; when a shard closes its parts are
+streamed, one tensor at a time, into the shard file.  Shard contents therefore depend only on the
+order and sizes of the groups, never on where flushes or a resume happened, and the bytes of every
+file depend only on its tensors: resumed and uninterrupted runs write identical files.
+
+Files are written by a small safetensors writer (tensors sorted by dtype size, then name; the
+header JSON compact, padded to 8 bytes; metadata ``{"format": "pt"}``), which is byte-identical
+to ``safetensors.torch.save`` for the same tensors.  ``finish`` renames the shards to
+``{prefix}-0000k-of-0000N.safetensors`` plus ``{prefix}.safetensors.index.json``, or to
+``{prefix}.safetensors`` when there is one.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import torch
+from safetensors import safe_open
+
+from ..errors import BlockquantError, ModelFileError
+
+GiB = 1024 ** 3
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+# safetensors writes larger dtypes first (every tensor stays aligned), in this order, then by name.
+_RANK = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
+         "I8", "U8", "BOOL"]
+STATE_VERSION = 1
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _order(items):
+    """safetensors' file order: by dtype (see ``_RANK``), then by name."""
+    return sorted(items, key=lambda kv: (_RANK.index(_DTYPES[kv[1].dtype]), kv[0]))
+
+
+def write_safetensors(path: str, entries: list[tuple[str, object]], metadata: dict | None = None) -> int:
+    """Write ``entries`` [(name, tensor or lazy tensor)] in this order as a safetensors file,
+    materialising one tensor at a time (``detach()`` loads a lazy one).  Returns the file size."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, tensor in entries:
+        size = _nbytes(tensor)
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".writing"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, tensor in entries:
+            flat = tensor.detach().reshape(-1).contiguous().cpu()
+            if flat.numel():
+                f.write(flat.view(torch.uint8).numpy().data)
+            del flat
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return 8 + len(raw) + offset
+
+
+class _Lazy:
+    """Shape/dtype of a tensor inside a part file, readable on demand."""
+
+    def __init__(self, path: str, name: str, handle):
+        self.path, self.name = path, name
+        sl = handle.get_slice(name)
+        self.shape = torch.Size(sl.get_shape())
+        self.dtype = _NAMES[sl.get_dtype()]
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def detach(self) -> torch.Tensor:
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(self.name)
+
+
+class ShardWriter:
+    """Buffers tensor groups and writes size-capped safetensors shards into ``folder``."""
+
+    def __init__(self, folder: str, prefix: str = "model", max_shard_size: int = 2 * GiB):
+        if max_shard_size <= 0:
+            raise BlockquantError(f"max_shard_size must be positive (got {max_shard_size})")
+        self.folder, self.prefix, self.max_shard_size = folder, prefix, int(max_shard_size)
+        os.makedirs(folder, exist_ok=True)
+        self.shards: list[dict] = []    # closed: {"file", "tensors": {name: nbytes}, "size"}
+        self.parts: list[dict] = []     # flushed parts of the open shard: {"file", "tensors"}
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.names: set[str] = set()
+        self.finished = False
+
+    # -- naming ---------------------------------------------------------------------------------
+    def _shard_file(self, k: int) -> str:
+        return f"{self.prefix}.shard-{k:05d}.tmp"
+
+    def _part_file(self, k: int, p: int) -> str:
+        return f"{self.prefix}.shard-{k:05d}.part-{p:04d}.tmp"
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def open_size(self) -> int:
+        """Tensor bytes in the shard being filled (parts on disk plus the buffer)."""
+        return sum(sum(p["tensors"].values()) for p in self.parts) + sum(map(_nbytes, self.buffer.values()))
+
+    # -- writing ----------------------------------------------------------------------------------
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue one group of tensors; they always land in the same shard."""
+        if self.finished:
+            raise BlockquantError("ShardWriter.add after finish()")
+        clash = sorted(n for n in tensors if n in self.names)
+        if clash:
+            raise BlockquantError(f"tensor name(s) written twice: {', '.join(clash[:5])}")
+        unsupported = sorted(n for n, t in tensors.items() if t.dtype not in _DTYPES)
+        if unsupported:
+            raise BlockquantError(f"cannot write dtype {tensors[unsupported[0]].dtype} ({unsupported[0]})")
+        size = sum(map(_nbytes, tensors.values()))
+        if self.open_size() and self.open_size() + size > self.max_shard_size:
+            self._close_shard()
+        seen = {t.untyped_storage().data_ptr() for t in self.buffer.values() if t.numel()}
+        for name, t in tensors.items():
+            t = t.detach().to("cpu")
+            if t.numel() and t.untyped_storage().data_ptr() in seen:
+                t = t.clone()   # safetensors files hold no shared storage
+            seen.add(t.untyped_storage().data_ptr())
+            self.buffer[name] = t.contiguous()
+            self.names.add(name)
+        if self.open_size() >= self.max_shard_size:
+            self._close_shard()
+
+    def flush(self) -> None:
+        """Move buffered tensors to a part file on disk (the shard stays open)."""
+        if not self.buffer:
+            return
+        k, p = len(self.shards) + 1, len(self.parts) + 1
+        entries = _order(self.buffer.items())
+        write_safetensors(self._path(self._part_file(k, p)), entries)
+        self.parts.append({"file": self._part_file(k, p), "tensors": {n: _nbytes(t) for n, t in entries}})
+        self.buffer = {}
+
+    def _close_shard(self) -> None:
+        k = len(self.shards) + 1
+        path = self._path(self._shard_file(k))
+        if len(self.parts) == 1 and not self.buffer:
+            os.replace(self._path(self.parts[0]["file"]), path)   # a lone part is already the shard
+            tensors = self.parts[0]["tensors"]
+        else:
+            pending: dict = dict(self.buffer)
+            for part in self.parts:
+                part_path = self._path(part["file"])
+                with safe_open(part_path, "pt") as handle:
+                    for name in part["tensors"]:
+                        pending[name] = _Lazy(part_path, name, handle)
+            entries = _order(pending.items())
+            write_safetensors(path, entries)
+            tensors = {n: _nbytes(t) for n, t in entries}
+            for part in self.parts:
+                os.remove(self._path(part["file"]))
+        self.shards.append({"file": self._shard_file(k), "tensors": tensors, "size": os.path.getsize(path)})
+        self.parts, self.buffer = [], {}
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """JSON-serialisable progress (flushes first): closed shards and the open shard's parts."""
+        self.flush()
+        return {"version": STATE_VERSION, "prefix": self.prefix, "max_shard_size": self.max_shard_size,
+                "shards": [dict(s, tensors=dict(s["tensors"])) for s in self.shards],
+                "parts": [dict(p, tensors=dict(p["tensors"])) for p in self.parts]}
+
+    @classmethod
+    def resume(cls, folder: str, prefix: str, max_shard_size: int, state: dict) -> "ShardWriter":
+        """Continue from ``state``; files written after that state was taken are deleted."""
+        if state.get("version") != STATE_VERSION or state.get("prefix") != prefix \
+                or state.get("max_shard_size") != max_shard_size:
+            raise BlockquantError("the shard state was recorded with other settings; start the export afresh")
+        writer = cls(folder, prefix, max_shard_size)
+        writer.shards = [dict(s, tensors=dict(s["tensors"])) for s in state["shards"]]
+        writer.parts = [dict(p, tensors=dict(p["tensors"])) for p in state["parts"]]
+        for entry in writer.shards + writer.parts:
+            path = writer._path(entry["file"])
+            if not os.path.isfile(path) or ("size" in entry and os.path.getsize(path) != entry["size"]):
+                raise ModelFileError(f"{path} is missing or changed since the run was interrupted; run again with --fresh")
+            writer.names.update(entry["tensors"])
+        known = {e["file"] for e in writer.shards + writer.parts}
+        for stray in glob.glob(writer._path(f"{glob.escape(prefix)}.shard-*.tmp*")):
+            if os.path.basename(stray) not in known:
+                os.remove(stray)
+        return writer
+
+    # -- finishing --------------------------------------------------------------------------------
+    def finish(self) -> list[str]:
+        """Close the last shard, give shards their final names, write the index; returns file names.
+
+        Final-named files of this prefix from an earlier export in the folder are removed."""
+        if self.buffer or self.parts:
+            self._close_shard()
+        self.finished = True
+        for old in glob.glob(self._path(f"{glob.escape(self.prefix)}-*-of-*.safetensors")) + [
+                self._path(f"{self.prefix}.safetensors"), self._path(f"{self.prefix}.safetensors.index.json")]:
+            if os.path.exists(old):
+                os.remove(old)
+        n = len(self.shards)
+        if n == 0:
+            return []
+        if n == 1:
+            names = [f"{self.prefix}.safetensors"]
+        else:
+            names = [f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        weight_map, total = {}, 0
+        for shard, name in zip(self.shards, names):
+            os.replace(self._path(shard["file"]), self._path(name))
+            for tensor, size in shard["tensors"].items():
+                weight_map[tensor] = name
+                total += size
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(self._path(f"{self.prefix}.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+            names = names + [f"{self.prefix}.safetensors.index.json"]
+        return names
+
