@@ -104,9 +104,10 @@ class _TunedLinear:
 _MISSING = object()
 
 
-def _say(log, message: str) -> None:
+def _warn(log, message: str) -> None:
+    """``log`` is a logging.Logger (its ``warning``) or any callable taking one string."""
     if log is not None:
-        log(message)
+        getattr(log, "warning", log)(message)
 
 
 def tune_block(
@@ -121,14 +122,14 @@ def tune_block(
     batch_size: int,
     gradient_accumulate_steps: int,
     seed: int,
-    log: Callable[[str], None] | None = None,
+    log=None,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
     ``loss_fn(indices)`` runs the block on those calibration samples and returns a scalar loss.
     Each iteration draws ``gradient_accumulate_steps`` mini-batches of min(batch_size, nsamples)
     indices from a generator seeded with ``seed``.  A NaN/Inf loss stops tuning and the block falls
-    back to RTN.  ``log`` (optional) is called with one-line messages.
+    back to RTN.  ``log``: a logging.Logger or a callable taking one line (None: silent).
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -136,18 +137,16 @@ def tune_block(
     states = {name: _TunedLinear(layer, scheme, tune_minmax=iters > 0 and minmax_lr > 0)
               for name, layer in layers.items()}
     first_loss = best_loss = best_iter = None
-    iters_run, rtn = 0, iters == 0 or not states
-    if not rtn:
+    iters_run, fell_back = 0, False
+    if iters > 0 and states:
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
-        first_loss, best_loss, best_iter, iters_run, rtn = run.tune(iters, lr, minmax_lr, log)
+        first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log)
     weights = {}
     with torch.no_grad():
         for name, st in states.items():
-            weights[name] = qw = st.quantized(rtn)
+            weights[name] = qw = st.quantized(rtn=iters == 0 or fell_back)
             st.layer.weight.copy_(qw.dequantize(st.layer.weight.dtype))
-    fell_back = rtn and iters > 0 and bool(states)
-    return TuneResult(weights, first_loss, None if fell_back else best_loss, None if fell_back else best_iter,
-                      iters_run, fell_back, time.perf_counter() - start)
+    return TuneResult(weights, first_loss, best_loss, best_iter, iters_run, fell_back, time.perf_counter() - start)
 
 
 class _Run:
@@ -184,7 +183,7 @@ class _Run:
                     self._perm = []          # each iteration draws a fresh permutation
                     loss = self._iteration()
                     if loss is None:
-                        _say(log, f"non-finite loss at iteration {it}: this block falls back to RTN")
+                        _warn(log, f"non-finite loss at iteration {it}: this block falls back to RTN")
                         return first, None, None, it, True
                     if it == 0:
                         first = loss

@@ -117,22 +117,37 @@ def test_state_lists_shards_with_tensor_names_and_sizes(tmp_path):
     for i in range(4):
         writer.add(group(i))
     state = writer.state()
-    assert len(state["shards"]) == 1 and len(state["parts"]) == 1
+    assert [len(s["parts"]) for s in state["shards"]] == [1, 1]
     assert state["shards"][0]["tensors"] == {n: t.numel() * t.element_size() for i in range(3) for n, t in group(i).items()}
-    assert set(state["parts"][0]["tensors"]) == set(group(3))
-    assert all(os.path.isfile(tmp_path / e["file"]) for e in state["shards"] + state["parts"])
+    assert set(state["shards"][1]["tensors"]) == set(group(3))
+    assert all(os.path.isfile(tmp_path / p) for s in state["shards"] for p in s["parts"])
 
 
 def test_resume_refuses_missing_files_and_other_settings(tmp_path):
     writer = ShardWriter(str(tmp_path), max_shard_size=5000)
     for i in range(4):
         writer.add(group(i))
+        writer.flush()
     state = writer.state()
     with pytest.raises(BlockquantError, match="other settings"):
         ShardWriter.resume(str(tmp_path), "model", 4000, state)
-    os.remove(tmp_path / state["shards"][0]["file"])
+    os.remove(tmp_path / state["shards"][0]["parts"][1])
     with pytest.raises(BlockquantError, match="missing"):
         ShardWriter.resume(str(tmp_path), "model", 5000, state)
+
+
+def test_resume_after_an_interrupted_finish(tmp_path):
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    write_all(ref, range(7), 5000)
+    writer = ShardWriter(out, max_shard_size=5000)
+    for i in range(7):
+        writer.add(group(i))
+        writer.flush()
+    state = writer.state()
+    writer._merge(0)    # finish got as far as writing the first shard, then the run died
+    resumed = ShardWriter.resume(out, "model", 5000, state)
+    resumed.finish()
+    assert files_of(out) == files_of(ref)
 
 
 def test_duplicate_names_are_refused(tmp_path):

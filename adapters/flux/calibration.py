@@ -26,6 +26,7 @@ import torch
 
 from blockquant.capture import StopForward
 from blockquant.errors import DataError, UsageError
+from blockquant.memory import human_bytes
 
 from .prompts import read_prompts
 
@@ -103,9 +104,11 @@ def predicted_cache_bytes(transformer, pipe, batches: list[dict]) -> dict:
     dim = transformer.inner_dim
     size = transformer.x_embedder.weight.element_size()
     samples = len(batches) * b["num_inference_steps"]
-    per_sample = (image_tokens + text_tokens) * dim * size + dim * size
+    per_sample = (image_tokens + text_tokens) * dim * size + dim * size       # both streams + temb
+    head_dim = transformer.config.attention_head_dim
+    rotary = 2 * (image_tokens + text_tokens) * head_dim * 4                 # cos, sin (fp32), stored once
     return {"samples": samples, "tokens": image_tokens + text_tokens, "image_tokens": image_tokens,
-            "text_tokens": text_tokens, "dim": dim, "bytes": samples * per_sample}
+            "text_tokens": text_tokens, "dim": dim, "bytes": samples * per_sample + rotary}
 
 
 def log_cache_prediction(transformer, pipe, batches) -> dict:
@@ -113,9 +116,9 @@ def log_cache_prediction(transformer, pipe, batches) -> dict:
     if p["samples"]:
         log.info(
             "flux calibration: %d prompts x %d steps = %d samples of %d tokens (%d image + %d text) x %d: "
-            "about %.3f GiB of cached block inputs (streams + temb)",
+            "about %s of cached block inputs (two streams + temb per sample, rotary table once)",
             len(batches), batches[0]["num_inference_steps"], p["samples"], p["tokens"], p["image_tokens"],
-            p["text_tokens"], p["dim"], p["bytes"] / 2 ** 30,
+            p["text_tokens"], p["dim"], human_bytes(p["bytes"]),
         )
     return p
 
@@ -185,12 +188,17 @@ def run_pipeline(transformer, batch: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if run["noise"] is None:
             run["noise"] = hidden.detach().clone()    # sigma = 1 at the first step: pure noise
-        try:
+        if run["mode"] != "capture_only":
             return original(*args, **kwargs)
+        try:
+            original(*args, **kwargs)    # stopped after block 0 during capture; in full elsewhere (verify)
         except _SkipRest:
-            x0 = run["x0"] if run["x0"] is not None else torch.zeros_like(run["noise"])
-            velocity = (run["noise"] - x0).to(hidden.dtype)
-            return (velocity,) if not kwargs.get("return_dict", True) else types.SimpleNamespace(sample=velocity)
+            pass
+        # the step's answer is the forward-process velocity, whether or not the transformer ran in full,
+        # so that capture and any other run of the same batch follow the same trajectory
+        x0 = run["x0"] if run["x0"] is not None else torch.zeros_like(run["noise"])
+        velocity = (run["noise"] - x0).to(hidden.dtype)
+        return (velocity,) if not kwargs.get("return_dict", True) else types.SimpleNamespace(sample=velocity)
 
     def step_done(pipeline, step, timestep, callback_kwargs):
         run["step"] = step + 1

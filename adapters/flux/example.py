@@ -1,5 +1,6 @@
 """A tiny random FluxPipeline built offline: tiny CLIP and T5 encoders with locally built tokenizers,
-a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX transformer (about 0.14M parameters).
+a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX transformer of width 128 (about 1.8M parameters; every linear layer
+quantizes at the default W4A16 g128).
 
 Everything is deterministic: the same seed gives byte-identical saved folders.  Both tokenizers are built
 from the default prompts without the ``tokenizers`` trainers (whose tie-breaking varies between runs):
@@ -110,7 +111,7 @@ def build_components(seed: int = 0, num_layers: int = 2, num_single_layers: int 
     torch.manual_seed(seed + 3)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        attention_head_dim=16, num_attention_heads=8, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
         guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -92,3 +92,19 @@ def _place_components(pipe, device: torch.device, settings) -> None:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             module.to(device)
+
+
+def load_quantized_pipeline(folder: str, device="cpu", dtype: torch.dtype | None = None):
+    """A FluxPipeline from a folder blockquant wrote: the quantized transformer through blockquant's loader.
+
+    (``FluxPipeline.from_pretrained(folder)`` alone hands the transformer to diffusers' auto-round
+    integration, which needs the auto-round package; this needs nothing beyond blockquant.)
+    """
+    from diffusers import FluxPipeline
+
+    import blockquant
+
+    transformer = blockquant.load_quantized(os.path.join(folder, TRANSFORMER_FOLDER), device=device, dtype=dtype)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    pipe = FluxPipeline.from_pretrained(folder, transformer=transformer, **kwargs)
+    return pipe.to(device)

@@ -2,11 +2,12 @@
 
 Tensors arrive in groups (one block's tensors, say) through ``add``.  A shard is closed when the
 next group would take it past ``max_shard_size`` (a group larger than the limit gets a shard of its
-own).  ``flush`` moves the buffered tensors to a part file on disk without closing the shard, so the
-caller can free memory and record ``state()`` after every block; when a shard closes its parts are
-streamed, one tensor at a time, into the shard file.  Shard contents therefore depend only on the
-order and sizes of the groups, never on where flushes or a resume happened, and the bytes of every
-file depend only on its tensors: resumed and uninterrupted runs write identical files.
+own).  ``flush`` moves the buffered tensors to a part file on disk, so the caller can free memory
+and record ``state()`` after every block.  Part files are never deleted before ``finish``, so every
+recorded state stays resumable; ``finish`` streams each shard's parts, one tensor at a time, into
+the shard file and then deletes them (extra disk: one shard at a time).  Shard contents depend only
+on the order and sizes of the groups, never on where flushes or a resume happened, and the bytes of
+every file depend only on its tensors: resumed and uninterrupted runs write identical files.
 
 Files are written by a small safetensors writer (tensors sorted by dtype size, then name; the
 header JSON compact, padded to 8 bytes; metadata ``{"format": "pt"}``), which is byte-identical
@@ -104,32 +105,31 @@ class ShardWriter:
             raise BlockquantError(f"max_shard_size must be positive (got {max_shard_size})")
         self.folder, self.prefix, self.max_shard_size = folder, prefix, int(max_shard_size)
         os.makedirs(folder, exist_ok=True)
-        self.shards: list[dict] = []    # closed: {"file", "tensors": {name: nbytes}, "size"}
-        self.parts: list[dict] = []     # flushed parts of the open shard: {"file", "tensors"}
+        # One entry per shard, the last one open: {"tensors": {name: nbytes}, "parts": [file, ...]}.
+        self.shards: list[dict] = [{"tensors": {}, "parts": []}]
+        self.merged: set[int] = set()    # shards whose file already exists (an interrupted finish)
         self.buffer: dict[str, torch.Tensor] = {}
         self.names: set[str] = set()
         self.finished = False
 
-    # -- naming ---------------------------------------------------------------------------------
-    def _shard_file(self, k: int) -> str:
-        return f"{self.prefix}.shard-{k:05d}.tmp"
-
-    def _part_file(self, k: int, p: int) -> str:
-        return f"{self.prefix}.shard-{k:05d}.part-{p:04d}.tmp"
-
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    def open_size(self) -> int:
-        """Tensor bytes in the shard being filled (parts on disk plus the buffer)."""
-        return sum(sum(p["tensors"].values()) for p in self.parts) + sum(map(_nbytes, self.buffer.values()))
+    def _shard_file(self, k: int) -> str:
+        return f"{self.prefix}.shard-{k + 1:05d}.tmp"
 
-    # -- writing ----------------------------------------------------------------------------------
+    def _part_file(self, k: int, p: int) -> str:
+        return f"{self.prefix}.shard-{k + 1:05d}.part-{p + 1:04d}.tmp"
+
+    def open_size(self) -> int:
+        """Tensor bytes in the shard being filled (flushed parts plus the buffer)."""
+        return sum(self.shards[-1]["tensors"].values()) + sum(map(_nbytes, self.buffer.values()))
+
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue one group of tensors; they always land in the same shard."""
+        """Queue one group of tensors; a group always lands in one shard."""
         if self.finished:
             raise BlockquantError("ShardWriter.add after finish()")
-        clash = sorted(n for n in tensors if n in self.names)
+        clash = sorted(n for n in tensors if n in self.names or n in self.buffer)
         if clash:
             raise BlockquantError(f"tensor name(s) written twice: {', '.join(clash[:5])}")
         unsupported = sorted(n for n, t in tensors.items() if t.dtype not in _DTYPES)
@@ -142,51 +142,36 @@ class ShardWriter:
         for name, t in tensors.items():
             t = t.detach().to("cpu")
             if t.numel() and t.untyped_storage().data_ptr() in seen:
-                t = t.clone()   # safetensors files hold no shared storage
+                t = t.clone()   # a safetensors file holds no shared storage
             seen.add(t.untyped_storage().data_ptr())
             self.buffer[name] = t.contiguous()
-            self.names.add(name)
         if self.open_size() >= self.max_shard_size:
             self._close_shard()
 
     def flush(self) -> None:
-        """Move buffered tensors to a part file on disk (the shard stays open)."""
+        """Write buffered tensors to a part file of the open shard and drop them from memory."""
         if not self.buffer:
             return
-        k, p = len(self.shards) + 1, len(self.parts) + 1
+        shard = self.shards[-1]
+        name = self._part_file(len(self.shards) - 1, len(shard["parts"]))
         entries = _order(self.buffer.items())
-        write_safetensors(self._path(self._part_file(k, p)), entries)
-        self.parts.append({"file": self._part_file(k, p), "tensors": {n: _nbytes(t) for n, t in entries}})
+        write_safetensors(self._path(name), entries)
+        shard["parts"].append(name)
+        for n, t in entries:
+            shard["tensors"][n] = _nbytes(t)
+        self.names.update(self.buffer)
         self.buffer = {}
 
     def _close_shard(self) -> None:
-        k = len(self.shards) + 1
-        path = self._path(self._shard_file(k))
-        if len(self.parts) == 1 and not self.buffer:
-            os.replace(self._path(self.parts[0]["file"]), path)   # a lone part is already the shard
-            tensors = self.parts[0]["tensors"]
-        else:
-            pending: dict = dict(self.buffer)
-            for part in self.parts:
-                part_path = self._path(part["file"])
-                with safe_open(part_path, "pt") as handle:
-                    for name in part["tensors"]:
-                        pending[name] = _Lazy(part_path, name, handle)
-            entries = _order(pending.items())
-            write_safetensors(path, entries)
-            tensors = {n: _nbytes(t) for n, t in entries}
-            for part in self.parts:
-                os.remove(self._path(part["file"]))
-        self.shards.append({"file": self._shard_file(k), "tensors": tensors, "size": os.path.getsize(path)})
-        self.parts, self.buffer = [], {}
+        self.flush()
+        if self.shards[-1]["tensors"]:
+            self.shards.append({"tensors": {}, "parts": []})
 
-    # -- resume -----------------------------------------------------------------------------------
     def state(self) -> dict:
-        """JSON-serialisable progress (flushes first): closed shards and the open shard's parts."""
+        """JSON-serialisable progress (flushes first): each shard's tensors (name: bytes) and part files."""
         self.flush()
         return {"version": STATE_VERSION, "prefix": self.prefix, "max_shard_size": self.max_shard_size,
-                "shards": [dict(s, tensors=dict(s["tensors"])) for s in self.shards],
-                "parts": [dict(p, tensors=dict(p["tensors"])) for p in self.parts]}
+                "shards": [{"tensors": dict(s["tensors"]), "parts": list(s["parts"])} for s in self.shards]}
 
     @classmethod
     def resume(cls, folder: str, prefix: str, max_shard_size: int, state: dict) -> "ShardWriter":
@@ -195,41 +180,71 @@ class ShardWriter:
                 or state.get("max_shard_size") != max_shard_size:
             raise BlockquantError("the shard state was recorded with other settings; start the export afresh")
         writer = cls(folder, prefix, max_shard_size)
-        writer.shards = [dict(s, tensors=dict(s["tensors"])) for s in state["shards"]]
-        writer.parts = [dict(p, tensors=dict(p["tensors"])) for p in state["parts"]]
-        for entry in writer.shards + writer.parts:
-            path = writer._path(entry["file"])
-            if not os.path.isfile(path) or ("size" in entry and os.path.getsize(path) != entry["size"]):
-                raise ModelFileError(f"{path} is missing or changed since the run was interrupted; run again with --fresh")
-            writer.names.update(entry["tensors"])
-        known = {e["file"] for e in writer.shards + writer.parts}
+        writer.shards = [{"tensors": dict(s["tensors"]), "parts": list(s["parts"])} for s in state["shards"]]
+        keep = set()
+        for k, shard in enumerate(writer.shards):
+            writer.names.update(shard["tensors"])
+            if all(os.path.isfile(writer._path(p)) for p in shard["parts"]):
+                keep.update(shard["parts"])
+            elif writer._merged_matches(k):
+                writer.merged.add(k)
+                keep.add(writer._shard_file(k))
+            else:
+                raise ModelFileError(
+                    f"{writer._path(shard['parts'][0])} and the shards after it are missing or changed since the "
+                    "run was interrupted; run again with --fresh"
+                )
         for stray in glob.glob(writer._path(f"{glob.escape(prefix)}.shard-*.tmp*")):
-            if os.path.basename(stray) not in known:
+            if os.path.basename(stray) not in keep:
                 os.remove(stray)
         return writer
 
-    # -- finishing --------------------------------------------------------------------------------
+    def _merged_matches(self, k: int) -> bool:
+        path = self._path(self._shard_file(k))
+        if not os.path.isfile(path):
+            return False
+        with safe_open(path, "pt") as f:
+            return set(f.keys()) == set(self.shards[k]["tensors"])
+
+    def _merge(self, k: int) -> None:
+        """Stream shard ``k``'s parts into its shard file, then delete the parts."""
+        parts, path = self.shards[k]["parts"], self._path(self._shard_file(k))
+        if len(parts) == 1:
+            os.replace(self._path(parts[0]), path)   # a lone part is already the shard
+            return
+        pending = {}
+        for part in parts:
+            part_path = self._path(part)
+            with safe_open(part_path, "pt") as handle:
+                for name in handle.keys():
+                    pending[name] = _Lazy(part_path, name, handle)
+        write_safetensors(path, _order(pending.items()))
+        for part in parts:
+            os.remove(self._path(part))
+
     def finish(self) -> list[str]:
-        """Close the last shard, give shards their final names, write the index; returns file names.
+        """Write the shards under their final names and the index; returns the file names.
 
         Final-named files of this prefix from an earlier export in the folder are removed."""
-        if self.buffer or self.parts:
-            self._close_shard()
+        self._close_shard()
         self.finished = True
+        shards = [s for s in self.shards if s["tensors"]]
+        for k in range(len(shards)):
+            if k not in self.merged:
+                self._merge(k)
+                self.merged.add(k)
         for old in glob.glob(self._path(f"{glob.escape(self.prefix)}-*-of-*.safetensors")) + [
                 self._path(f"{self.prefix}.safetensors"), self._path(f"{self.prefix}.safetensors.index.json")]:
             if os.path.exists(old):
                 os.remove(old)
-        n = len(self.shards)
+        n = len(shards)
         if n == 0:
             return []
-        if n == 1:
-            names = [f"{self.prefix}.safetensors"]
-        else:
-            names = [f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        names = [f"{self.prefix}.safetensors"] if n == 1 else \
+            [f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
         weight_map, total = {}, 0
-        for shard, name in zip(self.shards, names):
-            os.replace(self._path(shard["file"]), self._path(name))
+        for k, (shard, name) in enumerate(zip(shards, names)):
+            os.replace(self._path(self._shard_file(k)), self._path(name))
             for tensor, size in shard["tensors"].items():
                 weight_map[tensor] = name
                 total += size
@@ -238,6 +253,5 @@ class ShardWriter:
             with open(self._path(f"{self.prefix}.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")
-            names = names + [f"{self.prefix}.safetensors.index.json"]
+            names.append(f"{self.prefix}.safetensors.index.json")
         return names
-

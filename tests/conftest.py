@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny models saved as hub-like folders, built offline once per session."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """tiny_folder(kind="llama"|"qwen3", layers=4, hidden=64) -> path of a saved tiny model."""
+    cache = {}
+
+    def make(kind="llama", layers=4, hidden=64):
+        key = (kind, layers, hidden)
+        if key not in cache:
+            from blockquant.adapters.generic import build_example
+
+            folder = tmp_path_factory.mktemp(f"{kind}{layers}x{hidden}") / "model"
+            build_example(kind, layers, hidden).save(str(folder))
+            cache[key] = str(folder)
+        return cache[key]
+
+    return make

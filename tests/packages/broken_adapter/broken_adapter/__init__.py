@@ -1,0 +1,1 @@
+raise RuntimeError("this adapter is broken on purpose")
