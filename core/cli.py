@@ -159,6 +159,11 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def one_line(message: str) -> str:
+    """An error message on one line (messages quoting other libraries' exceptions may hold newlines)."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except BlockquantError as e:
         if getattr(args, "verbose", False):
             logging.getLogger("blockquant").exception("details")
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -117,11 +117,13 @@ class WeightStore:
                 f"no weights in {folder}: expected {prefix}.safetensors or {prefix}.safetensors.index.json "
                 "(only safetensors checkpoints are supported; convert .bin files with save_pretrained)"
             )
+        sizes: dict[str, int] = {}
         for file in sorted(set(weight_map.values())):
             path = os.path.join(folder, file)
             if not os.path.exists(path):
                 raise ModelFileError(f"shard {path} listed in the index is missing; download it again")
-            self._header_names(path)  # validates the header now, not hours into the run
+            self._header_names(path, sizes)  # validates the header now, not hours into the run
+        self._sizes: dict[str, int] = {}   # model name -> bytes in the checkpoint
         compiled = [(re.compile(p), r) for p, r in renames]
         for ckpt_name, file in weight_map.items():
             name = ckpt_name
@@ -129,9 +131,10 @@ class WeightStore:
                 name = pattern.sub(repl, name)
             self._files[name] = file
             self._ckpt[name] = ckpt_name
+            self._sizes[name] = sizes.get(ckpt_name, 0)
 
     @staticmethod
-    def _header_names(path: str) -> list[str]:
+    def _header_names(path: str, sizes: dict | None = None) -> list[str]:
         from safetensors import safe_open
 
         try:
@@ -147,6 +150,9 @@ class WeightStore:
                     raise ModelFileError(
                         f"shard {path} is truncated ({size} bytes, header says {8 + header_len + end}); download it again"
                     )
+                if sizes is not None:
+                    sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                                  if k != "__metadata__"})
                 return names
         except ModelFileError:
             raise
@@ -158,6 +164,10 @@ class WeightStore:
 
     def names(self) -> list[str]:
         return list(self._files)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor ``name`` in the checkpoint (from the shard header; nothing is read)."""
+        return self._sizes.get(name, 0)
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -203,6 +213,9 @@ def materialize(module: torch.nn.Module, prefix: str, store: WeightStore | None,
         if full not in store:
             continue
         value = store.get(full)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ModelFileError(f"tensor {full} in {store.folder} contains NaN or Inf values; the checkpoint is "
+                                 "damaged - restore it from the original model")
         if tuple(value.shape) != tuple(tensor.shape):
             raise ModelFileError(
                 f"tensor {full} has shape {tuple(value.shape)} in the checkpoint but the model expects "
@@ -279,8 +292,9 @@ def load_transformers_model(source: ModelSource, settings=None) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(source.path)
     except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelFileError(
-            f"transformers cannot read {source.path}/config.json ({e}); the model type may need a newer transformers"
+            f"transformers cannot read {source.path}/config.json ({first}); the model type may need a newer transformers"
         ) from e
     cls = model_class_for(source)
     model = empty_model(cls, config)

@@ -56,15 +56,19 @@ class QuantLinear(nn.Module):
         return module.to(qw.qweight.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as [out, in] in ``dtype`` (computed in float32)."""
-        q = unpack(self.qweight, self.bits, dim=0)                          # [in, out]
-        zeros = unpack(self.qzeros, self.bits, dim=1) + self.zero_offset    # [G, out]
-        if self.g_idx is not None:
-            g = self.g_idx.long()
-        else:
-            g = self.layout.group_index(self.in_features, device=q.device).long()
-        w = self.scales.float()[g] * (q - zeros[g]).float()
-        return w.t().to(dtype)
+        """The weight as [out, in] in ``dtype`` (computed in float32, in place where possible)."""
+        w = unpack(self.qweight.t(), self.bits, dim=1).to(torch.float32)      # [out, in]
+        zeros = (unpack(self.qzeros, self.bits, dim=1) + self.zero_offset).t().float()   # [out, G]
+        scales = self.scales.t().float()
+        groups = zeros.shape[1]
+        plain = self.layout.group_index(self.in_features, device=w.device)
+        if (self.g_idx is None or torch.equal(self.g_idx.to(plain.dtype), plain)) and self.in_features % groups == 0:
+            grouped = w.view(self.out_features, groups, -1)
+            grouped.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+        else:   # any other group assignment (act-order checkpoints, a short last group)
+            g = (plain if self.g_idx is None else self.g_idx).long()
+            w.sub_(zeros[:, g]).mul_(scales[:, g])
+        return w.to(dtype)
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cache_weight:

@@ -9,6 +9,8 @@ import re
 import time
 from dataclasses import dataclass
 
+import torch
+
 from . import __version__
 from .api import Run, capture_inputs, prepare, signals_caught
 from .config import RunSettings
@@ -71,6 +73,8 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
             run.writer = ShardWriter.resume(weights_dir, traits.weights_name, s.max_shard_size, run.resume.writer_state)
         else:
             run.writer = ShardWriter(weights_dir, traits.weights_name, s.max_shard_size)
+        check_disk(run, output_dir, partial)
+    check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(total_blocks, log, done=done)
     capture_inputs(run)
@@ -90,6 +94,82 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         _finish(run, loop, partial, output_dir, report)
     log.info("\n%s", report.render())
     return QuantizeResult(output_dir, report, run)
+
+
+def predicted_output_bytes(run: Run) -> int:
+    """The checkpoint size this run will write: packed quantized layers + everything else as stored."""
+    from .blocks import choose_layers
+
+    q, packed = run.settings.scheme, set()
+    total = 0
+    for chain in run.groups:
+        for block in chain:
+            for name, layer in choose_layers(block, q, run.traits.fp_layers, run.settings.ignore_layers).quantize.items():
+                groups = layer.out_features * q.groups(layer.in_features)
+                total += layer.weight.numel() * q.bits // 8 + groups * (2 + q.bits / 8)   # weights, fp16 scales, zeros
+                packed.add(name + ".weight")
+    store = run.loaded.weights
+    if store is not None:
+        return int(total + sum(store.nbytes(n) for n in store.names() if n not in packed))
+    return int(total + sum(t.numel() * t.element_size() for n, t in run.model.state_dict().items() if n not in packed))
+
+
+def check_disk(run: Run, output_dir: str, partial: str) -> None:
+    """Refuse to start when the output's file system cannot hold the predicted checkpoint."""
+    import shutil
+
+    from .memory import human_bytes
+
+    need = predicted_output_bytes(run) + 4 * 2 ** 20   # + configs, tokenizer, progress files
+    written = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(partial) for f in files)
+    where = os.path.dirname(output_dir.rstrip("/")) or "."
+    while not os.path.isdir(where):
+        where = os.path.dirname(where) or "."
+    free = shutil.disk_usage(where).free
+    if free + written < need:
+        raise ResourceError(f"not enough disk space in {where}: {human_bytes(free)} free, the output needs about "
+                            f"{human_bytes(need - written)}; free some space or choose another --output_dir")
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def predicted_extra_ram(run: Run) -> tuple[int, int, int]:
+    """(bytes above the current RSS at the peak, largest block bytes, calibration cache bytes)."""
+    s = run.settings
+    width = 4 if run.compute_dtype == torch.float32 else 2
+    blocks = [b for chain in run.groups for b in chain]
+    largest = max((sum(p.numel() for p in b.module.parameters()) * width for b in blocks), default=0)
+    config = getattr(run.model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or 0
+    cache = s.nsamples * s.seqlen * hidden * (4 if run.cache_device.type == "cpu" else 0)
+    on_cpu = run.device.type == "cpu"
+    extra = largest * ((3 if s.iters else 2) if on_cpu else 1) + cache * (4 if s.iters else 2)
+    return extra, largest, cache
+
+
+def check_memory(run: Run) -> None:
+    """Warn when the predicted peak RAM exceeds what the machine has available now."""
+    from .memory import human_bytes
+
+    available = _mem_available()
+    if not available:
+        return
+    extra, largest, cache = predicted_extra_ram(run)
+    if extra > available:
+        log.warning("the predicted peak RAM is about %s above the current use (largest block %s, calibration cache %s) "
+                    "but only %s is available; lower --nsamples or --seqlen, or keep the cache on a GPU with "
+                    "--cache_device cuda", human_bytes(extra), human_bytes(largest), human_bytes(cache),
+                    human_bytes(available))
 
 
 def _scheme_label(s: RunSettings) -> str:

@@ -248,3 +248,38 @@ def test_load_quantized_refuses_incomplete_folders(tmp_path):
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(UsageError, match="safetensors"):
         load_quantized(str(tmp_path))
+
+
+def test_load_quantized_diffusers_transformer(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                   axes_dims_rope=[4, 6, 6]).eval()
+    scheme, state = QuantScheme(4, 32, True), dict(model.state_dict())
+    writer = ShardWriter(str(tmp_path), prefix="diffusion_pytorch_model", max_shard_size=50_000)
+    for path in ("transformer_blocks", "single_transformer_blocks"):
+        group = {}
+        for name, module in getattr(model, path)[0].named_modules():
+            if isinstance(module, torch.nn.Linear) and packable(module.in_features, module.out_features, 4):
+                full = f"{path}.0.{name}"
+                qw = quantize(module.weight.data, scheme)
+                state.pop(f"{full}.weight"), state.pop(f"{full}.bias")
+                group.update(layer_tensors(full, qw, module.bias, "auto_round"))
+                module.weight.data, module.bias.data = qw.dequantize(), module.bias.data.half().float()
+        writer.add(group)
+    writer.add(state)
+    assert writer.finish()[-1] == "diffusion_pytorch_model.safetensors.index.json"
+    model.save_config(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    config["quantization_config"] = quantization_config("auto_round", scheme, iters=0, extra_config={}, version="0.16.1",
+                                                        block_names=["transformer_blocks", "single_transformer_blocks"])
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    loaded = load_quantized(str(tmp_path))
+    assert type(loaded) is FluxTransformer2DModel and isinstance(loaded.transformer_blocks[0].attn.to_q, QuantLinear)
+    inputs = dict(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 8, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample, rtol=1e-3, atol=1e-3)

@@ -21,6 +21,7 @@ O(samples), whatever the number of layers.
 from __future__ import annotations
 
 import inspect
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,17 @@ from .model import options_of_block, owner_of, text_model
 EXTRAS_KEY = "gemma4.rebuild"      # extras: {"ple_ids", "attention_mask", "mm_token_type_ids"}
 STATE_KEY = "gemma4.shared_kv"     # cached.state: {store key: (keys, values)}
 REBUILT_KEYS = ("per_layer_input", "position_embeddings", "attention_mask", "shared_kv_states")
+# Layers that neither store nor read shared KV get this one read-only empty mapping: the same object
+# for every sample keeps their replay collatable into mini-batches.
+NO_SHARED_KV = MappingProxyType({})
 
 
 def register_capture_hooks(model: torch.nn.Module, calibration) -> None:
     """Record, for every captured text sample, the values ``rebuild`` needs (see module docstring).
 
-    The values are collected while the forward runs and recorded from a pre-hook on the text model,
-    so they attach to the text group's sample even when a vision group is captured before it.
+    The values are collected while the forward runs and recorded when the text model computes its
+    rotary embeddings: after the per-layer embedding lookup and after any vision tower, just before
+    block 0, so they attach to the text group's sample even when a vision group is captured first.
     """
     inner = text_model(model)
     seen: dict = {}
@@ -51,7 +56,7 @@ def register_capture_hooks(model: torch.nn.Module, calibration) -> None:
     def ple_pre(module, args, kwargs):
         seen["ple_ids"] = args[0] if args else kwargs.get("input")
 
-    def text_pre(module, args, kwargs):
+    def rope_pre(module, args, kwargs):
         mask = seen.get("attention_mask")
         calibration.record(EXTRAS_KEY, {
             "ple_ids": seen.get("ple_ids"),
@@ -62,7 +67,7 @@ def register_capture_hooks(model: torch.nn.Module, calibration) -> None:
     calibration.hook(model, top_pre, pre=True, with_kwargs=True)
     if getattr(inner, "embed_tokens_per_layer", None) is not None:
         calibration.hook(inner.embed_tokens_per_layer, ple_pre, pre=True, with_kwargs=True)
-    calibration.hook(inner, text_pre, pre=True, with_kwargs=True)
+    calibration.hook(inner.rotary_emb, rope_pre, pre=True, with_kwargs=True)
 
 
 def per_layer_input(inner: torch.nn.Module, embeds: torch.Tensor, ids: torch.Tensor | None, layer: int):
@@ -116,10 +121,10 @@ def rebuild(block: torch.nn.Module, cached, strategy) -> dict:
 
 
 def shared_kv(block: torch.nn.Module, cached, strategy):
-    """The ``shared_kv_states`` container for this block and sample (None where the block ignores it)."""
+    """The ``shared_kv_states`` container for this block and sample (a fresh one where the block uses it)."""
     attn = block.self_attn
     if not (attn.is_kv_shared_layer or attn.store_full_length_kv):
-        return None
+        return NO_SHARED_KV
     stored = cached.state.get(STATE_KEY, {})
     if attn.is_kv_shared_layer and strategy.read_key(attn) not in stored:
         from blockquant.errors import BlockquantError

@@ -87,7 +87,7 @@ def layer_tensors(name: str, qw, bias: torch.Tensor | None, fmt: str, *,
     """The on-disk tensors of one quantized linear layer ``name`` from a ``QuantizedWeight``
     (``packing_sym``: the model-wide ``sym`` when this layer's differs, see :func:`layout`)."""
     lay = layout(fmt, qw.scheme, packing_sym)
-    q = qw.qweight.to(torch.int64)
+    q = qw.qweight
     out_features, in_features = q.shape
     groups = qw.scale.shape[1]
     if groups != lay.groups(in_features) or tuple(qw.zero.shape) != (out_features, groups):
@@ -104,7 +104,7 @@ def layer_tensors(name: str, qw, bias: torch.Tensor | None, fmt: str, *,
     if int(stored_zero.min()) < 0:
         raise BlockquantError(f"{name}: zero point 0 cannot be stored with zero_point - 1 ({fmt}, sym={lay.sym})")
     tensors = {
-        f"{name}.qweight": pack(q.t().cpu(), lay.bits, dim=0),
+        f"{name}.qweight": pack(q.cpu(), lay.bits, dim=1).t().contiguous(),   # packed along the input dim
         f"{name}.qzeros": pack(stored_zero.t().cpu(), lay.bits, dim=1),
         f"{name}.scales": qw.scale.t().to(torch.float16).cpu().contiguous(),
     }

@@ -1,0 +1,120 @@
+"""Tiny, randomly initialised Gemma 4 models built offline (no downloads).
+
+- ``example_text(layers=4, kv_shared=2)``: ``Gemma4ForCausalLM`` (model_type ``gemma4_text``) with
+  sliding and full layers alternating, per-layer inputs (PLE) and ``kv_shared`` KV-shared layers
+  (0: none); the tokenizer is ``blockquant.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
+- ``example_multimodal()``: ``Gemma4ForConditionalGeneration`` (model_type ``gemma4``) with the same
+  text model and a 2-block vision tower; its processor expands an image into 64 soft tokens.
+
+``save(folder)`` writes what a hub folder holds: config.json, generation_config.json,
+model.safetensors, the tokenizer files and (multimodal) preprocessor_config.json.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from blockquant import ExampleModel
+
+# Named special tokens of Gemma 4 tokenizers (transformers reads them as tokenizer.image_token etc.).
+IMAGE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+VIDEO_TOKEN = "<|video|>"          # Gemma4Processor adds it to the tokenizer if missing
+SEED = 0
+
+
+def text_config(layers: int = 4, kv_shared: int = 2, vocab_size: int = 512, **overrides):
+    """The tiny text config of MODEL_NOTES (hidden 64, 2 heads, 1 KV head, head_dim 32, full layers 64),
+    with 32-wide per-layer inputs so that every linear layer can be packed at 4 bits."""
+    from transformers import Gemma4TextConfig
+
+    values = dict(
+        vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
+        hidden_size_per_layer_input=32, num_kv_shared_layers=kv_shared, max_position_embeddings=4096,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    values.update(overrides)
+    return Gemma4TextConfig(**values)
+
+
+def tokenizer(multimodal: bool = False):
+    """The tiny byte-level BPE tokenizer; with ``multimodal``, Gemma 4's named image/audio tokens too."""
+    from transformers import PreTrainedTokenizerFast
+
+    from blockquant.tiny import tiny_tokenizer
+
+    base = tiny_tokenizer(512)
+    if not multimodal:
+        return base
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, bos_token=base.bos_token, eos_token=base.eos_token,
+        pad_token=base.pad_token, unk_token=base.unk_token, extra_special_tokens=dict(IMAGE_TOKENS),
+        model_max_length=base.model_max_length,
+    )
+    tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+    return tok
+
+
+def image_processor():
+    """Gemma 4's Pillow image processor at a tiny scale: 4-pixel patches, 2x2 pooling, 70 soft tokens max."""
+    from transformers import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+
+
+def _saver(model, processor_parts):
+    def save(folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        model.save_pretrained(folder)
+        for part in processor_parts:
+            part.save_pretrained(folder)
+    return save
+
+
+def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED) -> ExampleModel:
+    """A tiny ``Gemma4ForCausalLM`` (about 0.24M parameters with 4 layers) and its tokenizer."""
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(text_config(layers, kv_shared)).eval()
+    tok = tokenizer()
+    name = f"tiny-gemma4-text-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
+    return ExampleModel(name=name, model=model, processor=tok, save=_saver(model, [tok]))
+
+
+def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None):
+    """Tiny ``Gemma4Config``: the text config above plus a 2-block vision tower (hidden 32)."""
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    tok = tok or tokenizer(multimodal=True)
+    vocab = -(-len(tok) // 8) * 8
+    vision = Gemma4VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=256,
+    )
+    ids = {f"{name}_id": tok.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
+    return Gemma4Config(
+        text_config=text_config(layers, kv_shared, vocab_size=vocab).to_dict(), vision_config=vision.to_dict(),
+        image_token_id=ids["image_token_id"], boi_token_id=ids["boi_token_id"], eoi_token_id=ids["eoi_token_id"],
+        audio_token_id=ids["audio_token_id"], boa_token_id=ids["boa_token_id"],
+        eoa_token_index=tok.convert_tokens_to_ids(IMAGE_TOKENS["eoa_token"]),
+        video_token_id=tok.convert_tokens_to_ids(VIDEO_TOKEN),
+    )
+
+
+def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED) -> ExampleModel:
+    """A tiny ``Gemma4ForConditionalGeneration`` and its processor (images + text)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from .processor import assemble
+
+    tok = tokenizer(multimodal=True)
+    images = image_processor()
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(multimodal_config(layers, kv_shared, tok)).eval()
+    processor = assemble(images, tok)
+    name = f"tiny-gemma4-vision-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
+    return ExampleModel(name=name, model=model, processor=processor, save=_saver(model, [tok, images]))
