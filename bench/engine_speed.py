@@ -17,7 +17,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHAPE = dict(hidden=256, intermediate=688, layers=8, heads=8, kv_heads=4, vocab=32000)
+SHAPE = dict(hidden=256, intermediate=768, layers=8, heads=8, kv_heads=4, vocab=32000)
 
 
 def build(folder: str) -> int:

@@ -101,21 +101,32 @@ def _window(pool, start: int, numel: int):
     return torch.cat(parts)
 
 
+HWM = """
+for line in open('/proc/self/status'):
+    if line.startswith('VmHWM:'):
+        print('VMHWM', int(line.split()[1]) * 1024)
+"""
+
+
 def measured(code: str, env=None) -> tuple[int, float, str, int]:
-    """Run ``code`` in a fresh interpreter; (peak RSS bytes, seconds, stdout+stderr tail, rc)."""
+    """Run ``code`` in a fresh interpreter; (peak RSS bytes, seconds, stdout+stderr tail, rc).
+
+    The peak is the child's own VmHWM, printed by the child as it ends: ru_maxrss from wait4 would
+    also count the parent's resident pages at fork time (Linux keeps the larger of the two at exec).
+    """
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-c", code + HWM], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env or dict(os.environ, HF_HUB_OFFLINE="1"), text=True)
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss * 1024, time.time() - t0, out[-3000:], proc.returncode
+    rc = proc.wait()
+    peaks = [int(line.split()[1]) for line in out.splitlines() if line.startswith("VMHWM ")]
+    return (peaks[-1] if peaks else 0), time.time() - t0, out[-3000:], rc
 
 
 BASELINE = "import torch, transformers, blockquant, blockquant.api, blockquant.runner; import transformers.models.llama"
 
 QUANTIZE = """
-import json, blockquant
+import json, blockquant.api
 r = blockquant.api.quantize({model!r}, 'generic', iters={iters}, nsamples={nsamples}, seqlen={seqlen},
                             batch_size={nsamples}, device='cpu', output_dir={out!r}, overwrite=True, fresh=True)
 print('REPORT', json.dumps({{'peak_ram': r.report.peak_ram_bytes, 'wall': r.report.wall_seconds}}))

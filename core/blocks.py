@@ -9,6 +9,7 @@ import torch
 
 from .contract import BlockRef, Traits
 from .errors import AdapterError, UsageError
+from .export.formats import packable
 
 # Where standard transformers models keep their decoder blocks.
 USUAL_BLOCK_PATHS = (
@@ -112,8 +113,8 @@ def choose_layers(block: Block, scheme, fp_layers: tuple[str, ...], ignore: tupl
             kept[name] = "--ignore_layers"
         elif scheme.group_size != -1 and module.in_features % scheme.group_size:
             kept[name] = f"in_features {module.in_features} not divisible by group_size {scheme.group_size}"
-        elif scheme.bits < 8 and module.out_features % (32 // scheme.bits if scheme.bits != 3 else 32):
-            kept[name] = f"out_features {module.out_features} cannot be packed at {scheme.bits} bits"
+        elif not packable(module.in_features, module.out_features, scheme.bits):
+            kept[name] = f"shape {module.out_features}x{module.in_features} cannot be packed (dims must be multiples of 32)"
         else:
             quantize[name] = module
     return LayerChoice(quantize, kept)

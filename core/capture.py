@@ -174,7 +174,8 @@ def capture(groups: list[list[Block]], batches: list, run_batch: Callable[[Any],
             state["last_done"] = [True] * len(groups)
             with torch.no_grad(), contextlib.suppress(StopForward):
                 run_batch(batch)
-            free_memory() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                free_memory()
     finally:
         for h in handles:
             h.remove()

@@ -63,10 +63,26 @@ def fall_back_to_cpu(run) -> None:
         torch.cuda.empty_cache()
 
 
-def dispatch(model: torch.nn.Module, device_map: dict | str, max_memory: dict | None = None, no_split=None):
-    """Spread ``model`` over devices with accelerate (``device_map`` "auto" infers one)."""
-    from accelerate import dispatch_model, infer_auto_device_map
+def place_block(module: torch.nn.Module, device: torch.device, dtype, device_map: str | None) -> bool:
+    """Put a block where it runs.  ``device_map="auto"`` with several CUDA devices spreads the block's
+    layers over them with accelerate (returns True: hooks must be removed afterwards)."""
+    module.to(dtype=dtype)
+    if device_map == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
 
+        free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        plan = infer_auto_device_map(module, max_memory={i: int(f * 0.8) for i, f in free.items()})
+        dispatch_model(module, device_map=plan, main_device=device)
+        return True
     if device_map == "auto":
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split or [])
-    return dispatch_model(model, device_map=device_map)
+        log.debug("--device_map auto needs several CUDA devices; the block runs on %s", device)
+    module.to(device)
+    return False
+
+
+def unplace_block(module: torch.nn.Module, hook_relay, model) -> None:
+    """Remove accelerate's dispatch hooks, then let the adapter re-apply what they took away."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    remove_hook_from_submodules(module)
+    hook_relay.post_hook_removal(model=model)

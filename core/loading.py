@@ -17,7 +17,6 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import ModelFileError, UsageError
-from .export.formats import LayerLayout, layer_layout_from_config
 from .qlinear import QuantLinear
 
 log = logging.getLogger("blockquant")
@@ -103,20 +102,22 @@ def _renamer(model: nn.Module):
     return lambda key: apply_renamings(key, renamings) if renamings else key
 
 
-def _quant_layout(qcfg: dict, name: str, module: nn.Module, shapes: dict[str, list[int]], keys: set[str]) -> LayerLayout:
-    lay = layer_layout_from_config(qcfg, name)
-    if lay is None:
-        raise ModelFileError(f"{name}.qweight is in the checkpoint but quantization_config keeps {name} in full precision")
+def _quant_linear(qcfg: dict, name: str, module: nn.Module, shapes: dict[str, list[int]], keys: set[str]) -> QuantLinear:
     if not isinstance(module, nn.Linear):
         raise ModelFileError(f"{name} is a {type(module).__name__}, not a Linear layer; cannot load {name}.qweight")
-    lay = LayerLayout(lay.bits, lay.group_size, lay.sym, lay.zero_offset, g_idx=f"{name}.g_idx" in keys)
-    want = [module.in_features * lay.bits // 32, module.out_features]
-    if shapes[f"{name}.qweight"] != want:
+    try:
+        qlinear = QuantLinear.from_config(module.in_features, module.out_features, qcfg, name,
+                                          bias=f"{name}.bias" in keys, g_idx=f"{name}.g_idx" in keys, device="meta")
+    except ValueError as exc:
+        raise ModelFileError(f"{name}: {exc}; the quantization_config does not match the model") from exc
+    if qlinear is None:
+        raise ModelFileError(f"{name}.qweight is in the checkpoint but quantization_config keeps {name} in full precision")
+    if shapes[f"{name}.qweight"] != list(qlinear.qweight.shape):
         raise ModelFileError(
-            f"{name}.qweight has shape {shapes[f'{name}.qweight']}, expected {want} for {lay.bits} bits; "
-            "the quantization_config does not match the weights"
+            f"{name}.qweight has shape {shapes[f'{name}.qweight']}, expected {list(qlinear.qweight.shape)} for "
+            f"{qlinear.bits} bits; the quantization_config does not match the weights"
         )
-    return lay
+    return qlinear
 
 
 def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None, model_class=None) -> nn.Module:
@@ -147,8 +148,7 @@ def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None, mo
         module = model.get_submodule(qname) if _has(model, qname) else None
         if module is None:
             raise ModelFileError(f"the checkpoint quantizes {qname}, which this model does not have")
-        lay = _quant_layout(qcfg, qname, module, shapes, keys)
-        qlinear = QuantLinear(module.in_features, module.out_features, lay, bias=f"{qname}.bias" in keys, device="meta")
+        qlinear = _quant_linear(qcfg, qname, module, shapes, keys)
         parent, _, child = qname.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, qlinear)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import devices
 from .blocks import Block, choose_layers
 from .replay import Replayer, stream_loss
 from .report import BlockRecord
@@ -86,7 +87,7 @@ class BlockLoop:
         start = time.time()
         ctx.loader.load(block)
         dtypes = {k: v.dtype for k, v in block.module.state_dict().items()}
-        block.module.to(device=ctx.device, dtype=ctx.compute_dtype)
+        dispatched = devices.place_block(block.module, ctx.device, ctx.compute_dtype, s.device_map)
         for p in block.module.parameters():
             p.requires_grad_(False)
         choice = choose_layers(block, s.scheme, ctx.traits.fp_layers, s.ignore_layers)
@@ -127,11 +128,13 @@ class BlockLoop:
         if ctx.writer is not None:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()
-        ctx.quantized_weights.update(quantized) if ctx.keep_blocks else None
+        if dispatched:
+            devices.unplace_block(block.module, ctx.pm.hook, ctx.model)
         if ctx.keep_blocks:
+            ctx.quantized_weights.update(quantized)
             block.module.to(dtype=ctx.model_dtype)
         else:
-            ctx.loader.release(block) if ctx.loader.store is not None else block.module.to("meta")
+            ctx.loader.release(block)
         free_memory()
         record.seconds = time.time() - start
         self.result.blocks.append(record)

@@ -8,11 +8,13 @@ buffers move or are reloaded.  Plain torch: runs wherever its buffers are (CPU o
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .export.formats import LayerLayout, layer_tensors, layout
+from .export.formats import LayerLayout, layer_layout_from_config, layer_tensors, layout
 from .export.packing import unpack
 
 
@@ -42,6 +44,18 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, in_features: int, out_features: int, quantization_config: dict, name: str, *,
+                    bias: bool = False, g_idx: bool | None = None, device=None) -> "QuantLinear | None":
+        """An empty layer ``name`` as a checkpoint's quantization_config describes it (None: the config
+        keeps it in full precision); ``g_idx`` overrides whether a g_idx buffer is expected."""
+        lay = layer_layout_from_config(quantization_config, name)
+        if lay is None:
+            return None
+        if g_idx is not None:
+            lay = dataclasses.replace(lay, g_idx=g_idx)
+        return cls(in_features, out_features, lay, bias=bias, device=device)
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None, fmt: str, *, packing_sym: bool | None = None,

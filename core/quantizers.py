@@ -25,8 +25,10 @@ import torch
 from .config import QuantScheme
 
 SCALE_DTYPE = torch.float16          # scales are rounded to this dtype's values (the export dtype)
-SCALE_EPS = 2.0 ** -16               # smallest |scale|: all-zero groups and fully clipped ranges
+# smallest |scale| (all-zero groups, fully clipped ranges): float16's 1e-5, auto-round's threshold
+SCALE_EPS = float(torch.tensor(1e-5, dtype=SCALE_DTYPE))
 _SCALE_MAX = float(torch.finfo(SCALE_DTYPE).max)
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -60,7 +62,7 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedWeight:
-    """A weight prepared once for repeated quantization: float32 [out, G, group_len] and the
+    """A weight prepared once for repeated quantization: viewed as [out, G, group_len], and the
     group extremes before clipping (min clamped to <= 0, max clamped to >= 0).  The weight is a
     constant here: no gradient flows to it."""
 
@@ -77,9 +79,14 @@ class GroupedWeight:
         self.shape = weight.shape
         self.dtype = weight.dtype
         self.groups = in_f // glen
-        self.w = weight.detach().to(torch.float32).reshape(out_f, self.groups, glen)
-        self.wmin = self.w.amin(dim=-1).clamp(max=0)
-        self.wmax = self.w.amax(dim=-1).clamp(min=0)
+        w = weight.detach()
+        if w.dtype not in _NARROW_FLOATS:
+            w = w.to(torch.float32)
+        # float16/bfloat16 stay as they are (no float32 copy): every op that reads them promotes
+        # exactly to float32
+        self.w = w.reshape(out_f, self.groups, glen)
+        self.wmin = self.w.amin(dim=-1).to(torch.float32).clamp(max=0)
+        self.wmax = self.w.amax(dim=-1).to(torch.float32).clamp(min=0)
 
     def params(self, min_scale=None, max_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero), both float32 [out, G]; differentiable w.r.t. the clipping factors."""

@@ -29,7 +29,7 @@ from . import api, plugins, verify as verify_mod
 from .errors import AdapterError
 
 # Tiny settings: a kit run is seconds per check.  group_size 32 so 64-wide example layers quantize.
-KIT_SETTINGS = dict(nsamples=2, seqlen=32, iters=2, group_size=32, batch_size=2, seed=0, device="cpu")
+KIT_SETTINGS = dict(nsamples=2, seqlen=32, iters=2, group_size=32, batch_size=2, seed=0, device="cpu", num_inference_steps=2)
 ROUND_TRIP_TOLERANCE = 1e-5
 
 _FOLDERS: dict[str, str] = {}

@@ -197,7 +197,7 @@ class _Run:
                         _sign_step(scales, minmax_lr * factor, 0.0, 1.0)
                     _clear_grads(vs + scales)
         finally:
-            for st in self.states:
+            for st in reversed(self.states):      # reverse: a module listed twice ends up clean
                 st.uninstall()
             _clear_grads(vs + scales)
         return first, best, best_iter, iters, False

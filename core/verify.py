@@ -7,7 +7,6 @@ the output streams, and the kwargs whose replayed value differs from the true on
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch

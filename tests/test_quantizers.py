@@ -166,6 +166,15 @@ def test_low_precision_weights(dtype):
     fake = fake_quantize(w, scheme, v, mn, mx)
     assert fake.dtype == dtype
     assert torch.equal(quantize(w, scheme, v, mn, mx).dequantize(dtype), fake)
+    # the narrow weight is read without a float32 copy: same codes and gradients as its float32 value
+    assert torch.equal(quantize(w, scheme, v, mn, mx).qweight, quantize(w.float(), scheme, v, mn, mx).qweight)
+    grads = []
+    for weight in (w, w.float()):
+        params = [p.clone().requires_grad_() for p in (v, mn, mx)]
+        fake_quantize(weight, scheme, *params).float().square().sum().backward()
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-6)
 
 
 def test_invalid_shapes_raise_value_error():
@@ -188,3 +197,37 @@ def test_fake_quantize_does_not_touch_the_weight():
     v = torch.zeros(w.shape, requires_grad=True)
     fake_quantize(w, scheme, v).sum().backward()
     assert w.grad is None and torch.equal(w.detach(), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sym", (True, False))
+def test_cuda_matches_cpu(sym):
+    scheme = QuantScheme(bits=4, group_size=32, sym=sym)
+    w = _weight()
+    params = _tuning_params(scheme, w)
+    cpu = quantize(w, scheme, *params)
+    gpu_params = [p.cuda().requires_grad_() for p in params]
+    fake = fake_quantize(w.cuda(), scheme, *gpu_params)
+    gpu = quantize(w.cuda(), scheme, *gpu_params)
+    assert torch.equal(gpu.dequantize(), fake)
+    assert (gpu.qweight.cpu() != cpu.qweight).float().mean() < 1e-3     # division may round differently
+    fake.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gpu_params)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("sym", (True, False))
+def test_matches_auto_round_qdq(sym):
+    """auto-round 0.16.1's own quantize-dequantize, where it is installed: bit for bit."""
+    int_types = pytest.importorskip("auto_round.data_type.int")
+    fn = int_types.quant_tensor_sym if sym else int_types.quant_tensor_asym
+    for bits, group_size in itertools.product((2, 3, 4, 8), (-1, 32, 128)):
+        scheme = QuantScheme(bits=bits, group_size=group_size, sym=sym)
+        w = _weight(seed=bits)
+        w[0, :32] = 0
+        v, mn, mx = _tuning_params(scheme, w)
+        glen = scheme.group_len(IN)
+        ref, _, _ = fn(w, bits=bits, group_size=group_size, v=v.reshape(-1, glen), min_scale=mn.reshape(-1),
+                       max_scale=mx.reshape(-1))
+        assert torch.equal(fake_quantize(w, scheme, v, mn, mx), ref.reshape(w.shape))
+        assert torch.equal(fake_quantize(w, scheme), fn(w, bits=bits, group_size=group_size)[0].reshape(w.shape))

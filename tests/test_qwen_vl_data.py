@@ -147,3 +147,11 @@ def test_image_calibration_without_an_image_processor_is_a_data_error(example):
     source = CalibrationSource(tokenizer=example.processor.tokenizer, processor=example.processor.tokenizer)
     with pytest.raises(DataError, match="image processor"):
         qwen_vl.calibration_batches(model=example.model, source=source, settings=RunSettings(nsamples=1))
+
+
+def test_quant_vision_with_text_only_data_is_a_data_error(example, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text\n\nmore text")
+    with pytest.raises(DataError, match="--quant_vision needs image calibration"):
+        qwen_vl.calibration_batches(model=example.model, source=_source(example, spec=str(text)),
+                                    settings=RunSettings(nsamples=2, quant_vision=True))

@@ -32,7 +32,7 @@ def _block(seed=0, dtype=torch.float32):
 
 def _data(block, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(NSAMPLES, TOKENS, HIDDEN, generator=g).to(block[0].weight.dtype)
+    x = torch.randn(NSAMPLES, TOKENS, HIDDEN, generator=g).to(block[0].weight.device, block[0].weight.dtype)
     with torch.no_grad():
         target = block(x)
     return x, target
@@ -95,6 +95,18 @@ def test_tuning_with_batches_and_accumulation_lowers_full_loss():
     _tune(rtn, x, target, iters=0)
     assert res.best_loss <= res.first_loss
     assert _full_loss(tuned, x, target) < _full_loss(rtn, x, target)
+
+
+def test_rounding_only_when_minmax_lr_is_zero():
+    fp = _block(seed=2)
+    x, target = _data(fp)
+    tuned, rtn = copy.deepcopy(fp), copy.deepcopy(fp)
+    res = _tune(tuned, x, target, iters=40, minmax_lr=0.0, batch_size=NSAMPLES)
+    rtn_res = _tune(rtn, x, target, iters=0)
+    assert res.best_loss < res.first_loss
+    assert _full_loss(tuned, x, target) < _full_loss(rtn, x, target)
+    for name in res.weights:      # the clipping factors stay 1: the scales are RTN's
+        assert torch.equal(res.weights[name].scale, rtn_res.weights[name].scale)
 
 
 def test_same_seed_same_bytes_other_seed_differs():
@@ -235,3 +247,15 @@ def test_per_sample_loss_fn_and_bfloat16_layers():
     for name, layer in _layers(blk).items():
         assert layer.weight.dtype == torch.bfloat16
         assert torch.equal(layer.weight, res.weights[name].dequantize(torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tuning_on_cuda():
+    fp = _block().cuda()
+    x, target = _data(fp)
+    tuned, rtn = copy.deepcopy(fp), copy.deepcopy(fp)
+    res = _tune(tuned, x, target, iters=40, batch_size=NSAMPLES)
+    _tune(rtn, x, target, iters=0)
+    assert res.best_loss < res.first_loss
+    assert _full_loss(tuned, x, target) < _full_loss(rtn, x, target)
+    assert torch.equal(tuned[0].weight, res.weights["fc1"].dequantize())

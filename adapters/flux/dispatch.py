@@ -28,9 +28,22 @@ def side_component_sizes(pipe) -> dict[str, int]:
     return out
 
 
+def transformer_units(transformer) -> list[int]:
+    """Bytes of the transformer's unsplittable pieces in the order accelerate fills devices with them:
+    its top-level modules, with the block lists expanded into their blocks."""
+    units = []
+    for child in transformer.children():
+        if isinstance(child, torch.nn.ModuleList):
+            units.extend(module_bytes(block) for block in child)
+        else:
+            units.append(module_bytes(child))
+    return [u for u in units if u]
+
+
 def plan_pipeline(pipe, transformer, capacities: dict, headroom: float = 0.1) -> DevicePlan:
     """The plan for ``pipe``'s side components and ``transformer`` on devices with ``capacities`` (bytes)."""
-    return plan_devices(capacities, side_component_sizes(pipe), module_bytes(transformer), headroom)
+    return plan_devices(capacities, side_component_sizes(pipe), headroom=headroom,
+                        main_units=transformer_units(transformer))
 
 
 def place_side_components(pipe, plan: DevicePlan) -> None:

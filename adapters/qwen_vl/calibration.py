@@ -108,6 +108,12 @@ def calibration_batches(model, source, settings) -> list[dict]:
     spec = image_spec(source)
     processor = getattr(source, "processor", None)
     if spec == TEXT_ONLY:
+        if getattr(settings, "quant_vision", False):
+            raise DataError(
+                f"--quant_vision needs image calibration, but --dataset {source.spec} holds text only; pass --images "
+                "(a folder of images with .txt captions or a .jsonl of {\"image\", \"text\"}), or leave --dataset "
+                "out for synthetic images"
+            )
         log.info("calibration: text only (--dataset names text); vision blocks cannot be calibrated this way")
         return default_calibration_batches(model, source, settings)
     if processor is None or not hasattr(processor, "image_processor"):

@@ -64,10 +64,16 @@ def load_processor(folder: str, model_type: str):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        return AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)
+        if hasattr(processor, "image_processor"):   # some versions fall back to the bare tokenizer
+            return processor
     except Exception as e:  # typically ImportError: the video processor requires torchvision
         log.debug("AutoProcessor could not load %s (%s); assembling the processor from its parts", folder, e)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        log.warning("no tokenizer in %s (%s)", folder, e)
+        return None
     try:
         image_processor = AutoImageProcessor.from_pretrained(folder)
     except Exception as e:

@@ -40,6 +40,13 @@ def _slots(bits: int):
             for j in range(period(bits)[0])]
 
 
+def _tables(bits: int, device):
+    slots = _slots(bits)
+    word = torch.tensor([w for w, _, _ in slots], dtype=torch.long, device=device)
+    offset = torch.tensor([o for _, o, _ in slots], dtype=torch.int32, device=device)
+    return slots, word, offset
+
+
 def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Pack integers in [0, 2^bits) along ``dim`` into int32 words (see module docstring)."""
     nvals, nwords = period(bits)
@@ -49,15 +56,16 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     n, lead = moved.shape[-1], moved.shape[:-1]
     if n % nvals:
         raise ValueError(f"{n} values of {bits} bits do not fill whole int32 words (need a multiple of {nvals})")
-    chunks = moved.reshape(*lead, n // nvals, nvals)
-    words = torch.zeros(*lead, n // nvals, nwords, dtype=torch.int32, device=values.device)
-    scratch = torch.empty(chunks.shape[:-1], dtype=torch.int32, device=values.device)
-    for j, (word, offset, spill) in enumerate(_slots(bits)):
-        scratch.copy_(chunks[..., j])
-        if spill:
-            words[..., word + 1].bitwise_or_(scratch >> (bits - spill))
-        scratch.bitwise_left_shift_(offset)           # bits past 31 fall off
-        words[..., word].bitwise_or_(scratch)
+    slots, word, offset = _tables(bits, values.device)
+    v = moved.reshape(*lead, n // nvals, nvals).to(torch.int32, copy=True)
+    carries = [(w + 1, v[..., j] >> (bits - spill)) for j, (w, _, spill) in enumerate(slots) if spill]
+    v.bitwise_left_shift_(offset)                 # int32 shifts wrap: bits past 31 fall off
+    # Fields are disjoint, so a sum is an OR; only the field holding bit 31 is negative and the others
+    # add up to less than 2^31, so no partial int32 sum overflows.
+    bounds = [int((word < w).sum()) for w in range(nwords + 1)]
+    words = torch.stack([v[..., a:b].sum(-1, dtype=torch.int32) for a, b in zip(bounds, bounds[1:])], dim=-1)
+    for w, carry in carries:
+        words[..., w].bitwise_or_(carry)
     return words.reshape(*lead, -1).movedim(-1, dim).contiguous()
 
 
@@ -69,13 +77,14 @@ def unpack(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     rows, lead = moved.shape[-1], moved.shape[:-1]
     if rows % nwords:
         raise ValueError(f"{rows} words are not whole {bits}-bit packing periods of {nwords} words")
+    slots, word, offset = _tables(bits, packed.device)
     chunks = moved.reshape(*lead, rows // nwords, nwords)
-    out = torch.empty(*lead, rows // nwords, nvals, dtype=torch.int32, device=packed.device)
-    for j, (word, offset, spill) in enumerate(_slots(bits)):
-        value = out[..., j]
-        torch.bitwise_right_shift(chunks[..., word], offset, out=value)   # arithmetic: mask below
+    out = chunks.index_select(-1, word)            # [..., periods, nvals]: each value's word
+    out.bitwise_right_shift_(offset)               # arithmetic shift: sign bits cleared below
+    low = torch.tensor([(1 << (_WORD - o)) - 1 if spill else mask for _, o, spill in slots],
+                       dtype=torch.int32, device=packed.device)
+    out.bitwise_and_(low)
+    for j, (w, _, spill) in enumerate(slots):
         if spill:
-            value.bitwise_and_((1 << (_WORD - offset)) - 1)
-            value.bitwise_or_(chunks[..., word + 1] << (bits - spill))
-        value.bitwise_and_(mask)
+            out[..., j].bitwise_or_((chunks[..., w + 1] << (bits - spill)) & mask)
     return out.reshape(*lead, -1).movedim(-1, dim).contiguous()

@@ -226,6 +226,8 @@ class ShardWriter:
         """Write the shards under their final names and the index; returns the file names.
 
         Final-named files of this prefix from an earlier export in the folder are removed."""
+        if self.finished:
+            raise BlockquantError("ShardWriter.finish() called twice")
         self._close_shard()
         self.finished = True
         shards = [s for s in self.shards if s["tensors"]]
