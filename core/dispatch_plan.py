@@ -129,9 +129,11 @@ def plan_devices(capacities: dict[Hashable, int], components: dict[str, int], ma
         )
     if not fits(placements):
         left = sum(leftover(placements).values())
+        largest = max(main_units or [0])
         raise ResourceError(
-            f"the model ({main_size / 2**30:.2f} GiB) does not fit, block by block, in the {left / 2**30:.2f} GiB "
-            "left on the devices after the other components; add devices or free memory"
+            f"the model ({main_size / 2**30:.3f} GiB) does not fit, block by block, in the {left / 2**30:.3f} GiB "
+            f"left on the devices after the other components (blocks stay whole and the first device keeps room "
+            f"for the largest, {largest / 2**30:.3f} GiB); add devices or free memory"
         )
     reserved = _reserved(order, components, placements)
     return DevicePlan(placements=placements, reserved=reserved, max_memory=leftover(placements),

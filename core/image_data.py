@@ -240,8 +240,14 @@ def image_text_samples(spec: str | None, n: int, seed: int = 0) -> list[ImageTex
     if spec is None:
         return synthetic_images(n, seed)
     if os.path.isdir(spec):
-        has_images = any(name.lower().endswith(IMAGE_SUFFIXES) for name in os.listdir(spec))
-        records = load_image_folder(spec, n, seed) if has_images else load_parquet(spec, n, seed)
+        names = os.listdir(spec)
+        if any(name.lower().endswith(IMAGE_SUFFIXES) for name in names):
+            records = load_image_folder(spec, n, seed)
+        elif any(name.endswith(".parquet") for _, _, files in os.walk(spec) for name in files):
+            records = load_parquet(spec, n, seed)
+        else:
+            raise DataError(f"{spec} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .parquet files; "
+                            "add images with same-name .txt captions")
     elif spec.endswith(".jsonl"):
         records = load_jsonl(spec, n, seed)
     elif spec.endswith(".parquet"):

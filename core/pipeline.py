@@ -117,8 +117,6 @@ class BlockLoop:
             quantized = result.weights
             record.first_loss, record.best_loss, record.best_iter = result.first_loss, result.best_loss, result.best_iter
             record.rtn_fallback = result.fell_back_to_rtn
-            if result.fell_back_to_rtn:
-                log.warning("block %s: loss became NaN/Inf, fell back to RTN for this block", block.ref.name)
             self.result.quantized.extend(choice.quantize)
         with torch.no_grad():
             outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)

@@ -95,7 +95,7 @@ class GroupedWeight:
         bits = self.scheme.bits
         if self.scheme.sym:
             half = 2 ** (bits - 1)
-            extreme = torch.where(wmax + wmin >= 0, wmax, wmin)   # wmin <= 0 <= wmax: larger magnitude
+            extreme = torch.where(wmax >= -wmin, wmax, wmin)     # the larger magnitude (ties: wmax)
             scale = _to_scale_dtype(extreme / -half)
             scale = torch.where(scale < 0, scale.clamp(max=-SCALE_EPS), scale.clamp(min=SCALE_EPS))
             zero = torch.full_like(scale, float(half))

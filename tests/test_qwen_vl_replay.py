@@ -74,6 +74,7 @@ def test_mrope_position_embeddings_are_stored_once_per_sample(qwen25):
     run = _captured(qwen25, quant_vision=True)
     text, vision = run.stores
     assert len(text) == len(vision) == 2
+    assert all((batch["attention_mask"] == 0).any() for batch in run.batches)   # padded rows of 2 images
     for store in (text, vision):
         assert store.per_block == {} and store.nbytes()["per_block"] == 0
         # different images: per-sample position embeddings, one copy per sample (not per block)
@@ -84,7 +85,7 @@ def test_mrope_position_embeddings_are_stored_once_per_sample(qwen25):
     # M-RoPE: image tokens have 3D (temporal, height, width) positions, unlike plain 1D positions
     hidden = text.streams[0]["hidden_states"]
     rows, length = hidden.shape[:2]
-    plain, _ = run.model.model.language_model.rotary_emb(hidden, torch.arange(length).expand(rows, length))
+    plain, _ = run.model.model.language_model.rotary_emb(hidden, torch.arange(length).expand(3, rows, length))
     assert cos[0].shape == plain.shape and not torch.allclose(cos[0], plain)
     # vision extras: window and whole-image cu_seqlens differ, and the text sample carries no vision extras
     seqlens = vision.extras[0][replay.VISION_SEQLENS_KEY]

@@ -1,6 +1,6 @@
 """A tiny random FluxPipeline built offline: tiny CLIP and T5 encoders with locally built tokenizers,
-a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX transformer of width 128 (about 1.8M parameters; every linear layer
-quantizes at the default W4A16 g128).
+a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX transformer of width 128 (about 1.9M
+parameters, so that every linear layer quantizes at the default W4A16 g128).
 
 Everything is deterministic: the same seed gives byte-identical saved folders.  Both tokenizers are built
 from the default prompts without the ``tokenizers`` trainers (whose tie-breaking varies between runs):

@@ -97,6 +97,7 @@ def masks(inner: torch.nn.Module, embeds, attention_mask, position_ids, mm_token
     )
 
 
+@torch.no_grad()   # inputs of the block, never trained: no graph into the (huge) per-layer tables
 def rebuild(block: torch.nn.Module, cached, strategy) -> dict:
     """The kwargs of text block ``block`` for one sample (see the module docstring).
 

@@ -82,7 +82,9 @@ def calibration_batches(model, source, settings):
 
 @hookimpl
 def pre_cache(model, calibration):
-    _replay.register_capture_hooks(model, calibration)
+    settings = calibration.settings
+    vision = getattr(model, QUANT_VISION_ATTR, False) or "visual" in (getattr(settings, "to_quant_block_names", None) or "")
+    _replay.register_capture_hooks(model, calibration, vision=vision)
 
 
 @hookimpl

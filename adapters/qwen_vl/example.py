@@ -16,7 +16,7 @@ import torch
 from blockquant import ExampleModel
 from blockquant.image_data import COLORS, SHAPES
 
-from .processor import assemble
+from .processor import PROCESSOR_CLASSES, assemble
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -74,10 +74,9 @@ def tiny_image_processor(patch_size: int):
 
 
 def _token_ids(tokenizer) -> dict:
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    return ids
 
 
 def _text_config(tokenizer, mrope_section) -> dict:
@@ -115,7 +114,7 @@ def _build(model_class, config, seed: int):
     config._attn_implementation = "sdpa"
     model = model_class(config).eval()
     with torch.no_grad():   # random init with a scale that keeps activations lively in 4 layers
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
@@ -130,7 +129,7 @@ def save_folder(model, processor, folder: str) -> None:
     processor.tokenizer.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
     model_type = model.config.model_type
-    processor_class = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[model_type]
+    processor_class = PROCESSOR_CLASSES[model_type]
     path = os.path.join(folder, "preprocessor_config.json")
     with open(path) as f:
         pre = json.load(f)
@@ -153,10 +152,10 @@ def _example(name: str, model_class_name: str, config_fn, patch_size: int, seed:
 
 
 def example_qwen25(seed: int = 0) -> ExampleModel:
-    """A tiny Qwen2_5_VLForConditionalGeneration (about 0.3M parameters) and its processor."""
+    """A tiny Qwen2_5_VLForConditionalGeneration (0.27M parameters) and its processor."""
     return _example("tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", qwen25_config, 14, seed)
 
 
 def example_qwen3(seed: int = 0) -> ExampleModel:
-    """A tiny Qwen3VLForConditionalGeneration with deepstack layers and its processor."""
+    """A tiny Qwen3VLForConditionalGeneration (0.33M parameters, two deepstack layers) and its processor."""
     return _example("tiny-qwen3-vl", "Qwen3VLForConditionalGeneration", qwen3_config, 16, seed)

@@ -43,6 +43,13 @@ def assemble(model_type: str, image_processor, tokenizer, chat_template: str | N
     return image_only_class(PROCESSOR_CLASSES[model_type])(image_processor, tokenizer, chat_template=chat_template)
 
 
+def _pil_image_processor():
+    """The Pillow image processor class both Qwen-VL families use."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil
+
+
 def read_chat_template(folder: str) -> str | None:
     """The chat template of a model folder: chat_template.jinja, chat_template.json or the tokenizer's."""
     jinja = os.path.join(folder, "chat_template.jinja")
@@ -76,7 +83,10 @@ def load_processor(folder: str, model_type: str):
         return None
     try:
         image_processor = AutoImageProcessor.from_pretrained(folder)
-    except Exception as e:
-        log.warning("no image processor in %s (%s); calibrating with text only", folder, e)
-        return tokenizer
+    except Exception as e:  # e.g. a transformers release whose auto class insists on torchvision
+        try:
+            image_processor = _pil_image_processor().from_pretrained(folder)
+        except Exception:
+            log.warning("no image processor in %s (%s); calibrating with text only", folder, e)
+            return tokenizer
     return assemble(model_type, image_processor, tokenizer, read_chat_template(folder))

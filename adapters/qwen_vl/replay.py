@@ -55,11 +55,13 @@ def _cu_window_seqlens(visual, grid_thw: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def register_capture_hooks(model, calibration) -> None:
-    """Record, during capture, what replay needs (see the module docstring)."""
+def register_capture_hooks(model, calibration, vision: bool = True) -> None:
+    """Record, during capture, what replay needs (see the module docstring).
+
+    ``vision``: whether vision blocks are quantized (only then are their cu_seqlens recorded)."""
     inner = inner_model(model)
     visual = getattr(inner, "visual", None)
-    if visual is not None and getattr(visual, "fullatt_block_indexes", None):
+    if vision and visual is not None and getattr(visual, "fullatt_block_indexes", None):
         full_blocks = tuple(int(i) for i in visual.fullatt_block_indexes)
 
         def record_seqlens(module, args, kwargs):

@@ -32,7 +32,10 @@ def adapter_info():
 
 @hookimpl
 def fixed_attrs(model):
-    return {"block_groups": [["encoder.block"], ["decoder.block"]], "rebuilt_keys": BIAS_KEYS}
+    # wo stays in full precision, as transformers keeps it (T5's _keep_in_fp32_modules; its forward
+    # also reads wo.weight.dtype, which a packed QuantLinear does not have).
+    return {"block_groups": [["encoder.block"], ["decoder.block"]], "rebuilt_keys": BIAS_KEYS,
+            "fp_layers": (r".*\.DenseReluDense\.wo$",)}
 
 
 @hookimpl
@@ -69,13 +72,14 @@ def block_outputs(block, index, output, inputs, cached):
 def replay_inputs(block, index, cached):
     if index.position == 0:
         return None
-    missing = [k for k in BIAS_KEYS if k in cached.kwargs and k not in cached.state]
+    needed = BIAS_KEYS if cached.kwargs.get("encoder_hidden_states") is not None else BIAS_KEYS[:1]
+    missing = [k for k in needed if k not in cached.state]
     if missing:
         from blockquant.errors import AdapterError
 
         raise AdapterError(f"t5: {index.name} needs {missing[0]} from block 0 of its stack, which has not run "
                            "in this replay stream")
-    return {k: cached.state[k] for k in BIAS_KEYS if k in cached.state}
+    return {k: cached.state[k] for k in needed}
 
 
 def build_example(seed: int = 0) -> ExampleModel:

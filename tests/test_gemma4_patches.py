@@ -1,0 +1,137 @@
+"""The gemma4 adapter's patch (shared KV passed by reference through accelerate hooks) and version gates."""
+from __future__ import annotations
+
+import pytest
+import torch
+from packaging.version import Version
+
+from blockquant import plugins
+from blockquant.adapters import gemma4
+from blockquant.adapters.gemma4 import patches, versions
+from blockquant.errors import VersionError
+
+
+def _manager():
+    return plugins.run_manager(plugins.get_adapter("gemma4"))
+
+
+def _ids(example, n=40):
+    return example.processor(["Gemma shares keys and values between its last layers. " * 3],
+                             return_tensors="pt")["input_ids"][:, :n]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def _per_layer_cpu_map(model):
+    """A device map that puts every block under its own accelerate hook (all on the CPU)."""
+    names = [n for n, _ in model.named_children()]
+    inner = dict(model.model.named_children())
+    device_map = {f"model.{n}": "cpu" for n in inner if n != "layers"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(len(model.model.layers))})
+    device_map.update({n: "cpu" for n in names if n != "model"})
+    return device_map
+
+
+def _hook_counts(model):
+    return [sum(fn is patches.pass_shared_kv_by_reference for fn in layer._forward_pre_hooks.values())
+            for layer in model.model.layers]
+
+
+def test_patch_is_idempotent_and_changes_no_value():
+    example = gemma4.example_text()
+    model, ids = example.model, _ids(example)
+    before = _logits(model, ids)
+    pm = _manager()
+    pm.hook.patch_model(model=model)
+    pm.hook.patch_model(model=model)
+    assert _hook_counts(model) == [1, 1, 1, 1]
+    assert patches.apply(model) == 0
+    assert torch.equal(_logits(model, ids), before)
+
+
+@pytest.mark.parametrize("patch_after_dispatch", [False, True])
+def test_patch_survives_accelerate_dispatch_and_hook_removal(patch_after_dispatch):
+    from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_submodules
+
+    example = gemma4.example_text()
+    model, ids = example.model, _ids(example)
+    expected = _logits(model, ids)
+    pm = _manager()
+    if not patch_after_dispatch:
+        pm.hook.patch_model(model=model)
+    dispatch_model(model, device_map=_per_layer_cpu_map(model), force_hooks=True)
+    assert all(hasattr(layer, "_hf_hook") for layer in model.model.layers)
+    if patch_after_dispatch:
+        pm.hook.patch_model(model=model)
+    assert torch.equal(_logits(model, ids), expected)     # KV-shared layers see what the storing layers wrote
+    remove_hook_from_submodules(model)
+    pm.hook.post_hook_removal(model=model)
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert _hook_counts(model) == [1, 1, 1, 1]
+    assert torch.equal(_logits(model, ids), expected)
+
+
+def test_without_the_patch_dispatch_breaks_kv_sharing_on_plain_dict_releases():
+    """Control: on 5.5.4-5.6.x (a plain dict) accelerate copies the state per layer; 5.23 needs no patch."""
+    from accelerate import dispatch_model
+
+    example = gemma4.example_text()
+    model, ids = example.model, _ids(example)
+    expected = _logits(model, ids)
+    dispatch_model(model, device_map=_per_layer_cpu_map(model), force_hooks=True)
+    if versions.kv_strategy() is versions.BY_INDEX:
+        with pytest.raises(KeyError):
+            _logits(model, ids)
+    else:
+        assert torch.equal(_logits(model, ids), expected)
+
+
+@pytest.mark.parametrize("version, supported", [
+    ("5.4.0", False), ("5.5.0", False), ("5.5.3", False), ("5.5.4", True), ("5.6.2", True), ("5.7.0", False),
+    ("5.17.0", False), ("5.22.2", False), ("5.23.0", True), ("5.24.0", False), ("6.0.0", False),
+])
+def test_version_gate_names_the_supported_range(version, supported):
+    message = versions.refusal(Version(version))
+    assert (message is None) == supported
+    assert (Version(version) in __import__("packaging.specifiers").specifiers.SpecifierSet(versions.requirement())) \
+        == supported
+    if not supported:
+        assert "5.5.4-5.6.x or 5.23.x" in message and "pip install" in message
+        with pytest.raises(VersionError):
+            versions.kv_strategy(Version(version))
+    if version == "5.5.3":
+        assert "use_cache" in message
+
+
+def test_requirement_is_declared_in_adapter_info():
+    info = _manager().hook.adapter_info()
+    assert info.requires == {"transformers": versions.requirement()}
+    assert info.model_types == ("gemma4_text", "gemma4")
+
+
+def test_installed_release_stores_shared_kv_as_its_strategy_says():
+    """The strategy picked for the installed transformers matches what the model really writes."""
+    example = gemma4.example_text()
+    model, ids = example.model, _ids(example)
+    strategy = versions.kv_strategy()
+    assert strategy is (versions.BY_INDEX if versions.installed() < Version("5.7") else versions.BY_TYPE)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("state", kwargs["shared_kv_states"])
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _logits(model, ids)
+    finally:
+        handle.remove()
+    state = seen["state"]
+    assert type(state).__name__ == type(strategy.new_state()).__name__
+    layers = model.model.layers
+    stored = {strategy.store_key(l.self_attn) for l in layers if l.self_attn.store_full_length_kv}
+    read = {strategy.read_key(l.self_attn) for l in layers if l.self_attn.is_kv_shared_layer}
+    assert set(state.keys()) == stored and read <= stored
