@@ -20,7 +20,7 @@ from .capture import Calibration, capture, detect, stream_keys_from_output
 from .config import QuantScheme, RunSettings
 from .contract import Traits
 from .errors import AdapterError, DataError, Interrupted, UsageError
-from .model_io import ModelSource, materialize, still_meta, tie_if_needed
+from .model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from .store import GroupStore
 from .streaming import BlockLoader
 
@@ -103,6 +103,9 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
     run.pm = plugins.run_manager(run.entry)
     run.loaded = run.pm.hook.load_model(source=run.source, settings=settings)
     run.traits = _traits(run)
+    if run.traits.checkpoint_renames and run.loaded.weights is not None:
+        old = run.loaded.weights
+        run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames)
     if settings.format != "fake":
         from .export.formats import check_format
 

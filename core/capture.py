@@ -15,6 +15,7 @@ import torch
 
 from .blocks import Block, bind_inputs
 from .contract import SampleInputs, Traits
+from .errors import DataError
 from .store import GroupStore, same_value, to_device
 from .streaming import BlockLoader, free_memory
 
@@ -109,7 +110,8 @@ def detect(groups: list[list[Block]], run: Callable[[], None], stream_keys_of: C
     for g, chain in enumerate(groups):
         first = records[g][0]
         if first is None:
-            raise RuntimeError(f"the calibration forward never reached block {chain[0].ref.name}")
+            raise DataError(f"the calibration forward never reached block {chain[0].ref.name}; the calibration data "
+                            "does not exercise this block group (a vision group needs images: pass --images)")
         keys = stream_keys_of(g, chain[0], outputs.get(g), first)
         streams.append(keys)
         differing: set[str] = set()
@@ -181,7 +183,7 @@ def capture(groups: list[list[Block]], batches: list, run_batch: Callable[[Any],
             h.remove()
     for g, chain in enumerate(groups):
         if not len(stores[g]):
-            raise RuntimeError(
+            raise DataError(
                 f"calibration never reached block {chain[0].ref.name}: the inputs did not exercise this block group "
                 "(a vision group needs image calibration data: pass --images)"
             )

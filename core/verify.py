@@ -94,7 +94,10 @@ def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
 
             def post(module, args, kwargs, output, block=block):
                 entry = refs[block.ref.number][-1]
-                cached = SampleInputs(index=len(refs[block.ref.number]) - 1, kwargs=entry[0], extras={}, state={})
+                sample = len(refs[block.ref.number]) - 1
+                store = run.stores[block.ref.group]
+                extras = store.extras[sample] if sample < len(store) else {}
+                cached = SampleInputs(index=sample, kwargs=entry[0], extras=extras, state={})
                 entry[1] = hook.block_outputs(block=module, index=block.ref, output=output, inputs=entry[0], cached=cached)
             handles.append(block.module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(block.module.register_forward_hook(post, with_kwargs=True))
