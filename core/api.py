@@ -105,7 +105,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
     run.traits = _traits(run)
     if run.traits.checkpoint_renames and run.loaded.weights is not None:
         old = run.loaded.weights
-        run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames)
+        run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames, old.key_map)
     if settings.format != "fake":
         from .export.formats import check_format
 

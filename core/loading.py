@@ -92,14 +92,9 @@ def build_empty(path: str, config: dict, model_class=None, dtype=None) -> nn.Mod
 
 def _renamer(model: nn.Module):
     """Checkpoint key -> module key with transformers' renamings for this model (identity if none)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    from .model_io import transformers_renamer
 
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except Exception:  # not a transformers model, or internals changed: names are used as they are
-        return lambda key: key
-    return lambda key: apply_renamings(key, renamings) if renamings else key
+    return transformers_renamer(model) or (lambda key: key)
 
 
 def _quant_linear(qcfg: dict, name: str, module: nn.Module, shapes: dict[str, list[int]], keys: set[str]) -> QuantLinear:

@@ -97,9 +97,10 @@ class LoadedModel:
 class WeightStore:
     """Tensors of a safetensors checkpoint (single file or sharded), read one at a time."""
 
-    def __init__(self, folder: str, prefix: str = "model", renames: tuple[tuple[str, str], ...] = ()):
+    def __init__(self, folder: str, prefix: str = "model", renames: tuple[tuple[str, str], ...] = (), key_map=None):
         self.folder = folder
         self.prefix = prefix
+        self.key_map = key_map   # callable: checkpoint name -> model name (e.g. transformers' renamings)
         self._files: dict[str, str] = {}   # model name -> file
         self._ckpt: dict[str, str] = {}    # model name -> checkpoint name
         self._handles: dict[str, Any] = {}
@@ -117,43 +118,48 @@ class WeightStore:
                 f"no weights in {folder}: expected {prefix}.safetensors or {prefix}.safetensors.index.json "
                 "(only safetensors checkpoints are supported; convert .bin files with save_pretrained)"
             )
-        sizes: dict[str, int] = {}
+        entries: dict[str, tuple] = {}
         for file in sorted(set(weight_map.values())):
             path = os.path.join(folder, file)
             if not os.path.exists(path):
                 raise ModelFileError(f"shard {path} listed in the index is missing; download it again")
-            self._header_names(path, sizes)  # validates the header now, not hours into the run
-        self._sizes: dict[str, int] = {}   # model name -> bytes in the checkpoint
+            self._header_names(path, entries)  # validates the header now, not hours into the run
+        self._entries: dict[str, tuple] = {}   # model name -> (dtype, shape, start, end) in its file
         compiled = [(re.compile(p), r) for p, r in renames]
         for ckpt_name, file in weight_map.items():
             name = ckpt_name
             for pattern, repl in compiled:
                 name = pattern.sub(repl, name)
+            if key_map is not None:
+                name = key_map(name)
             self._files[name] = file
             self._ckpt[name] = ckpt_name
-            self._sizes[name] = sizes.get(ckpt_name, 0)
+            if ckpt_name in entries:
+                self._entries[name] = entries[ckpt_name]
 
     @staticmethod
-    def _header_names(path: str, sizes: dict | None = None) -> list[str]:
+    def _header_names(path: str, entries: dict | None = None) -> list[str]:
         from safetensors import safe_open
 
         try:
             size = os.path.getsize(path)
             with safe_open(path, framework="pt") as f:
                 names = list(f.keys())
-                # a truncated file still has a header: check the data section is whole
-                with open(path, "rb") as raw:
-                    header_len = int.from_bytes(raw.read(8), "little")
-                    header = json.loads(raw.read(header_len))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                if 8 + header_len + end > size:
-                    raise ModelFileError(
-                        f"shard {path} is truncated ({size} bytes, header says {8 + header_len + end}); download it again"
-                    )
-                if sizes is not None:
-                    sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                                  if k != "__metadata__"})
-                return names
+            # a truncated file still has a header: check the data section is whole
+            with open(path, "rb") as raw:
+                header_len = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(header_len))
+            header.pop("__metadata__", None)
+            end = max((v["data_offsets"][1] for v in header.values()), default=0)
+            if 8 + header_len + end > size:
+                raise ModelFileError(
+                    f"shard {path} is truncated ({size} bytes, header says {8 + header_len + end}); download it again"
+                )
+            if entries is not None:
+                base = 8 + header_len
+                entries.update({k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
+                                    base + v["data_offsets"][1]) for k, v in header.items()})
+            return names
         except ModelFileError:
             raise
         except Exception as e:
@@ -167,23 +173,43 @@ class WeightStore:
 
     def nbytes(self, name: str) -> int:
         """Bytes of tensor ``name`` in the checkpoint (from the shard header; nothing is read)."""
-        return self._sizes.get(name, 0)
+        entry = self._entries.get(name)
+        return entry[3] - entry[2] if entry else 0
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """Read one tensor into fresh memory.
 
+        Plain reads at the header's offsets, not a memory map: pages of a mapped shard stay in the
+        process's resident set while the mapping lives, so a run would grow to the checkpoint's size.
+        """
         if name not in self._files:
             raise ModelFileError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         file = self._files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.folder, file), framework="pt")
+        dtype_name, shape, start, end = self._entries[name]
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ModelFileError(f"tensor {name} in {file} has dtype {dtype_name}, which blockquant cannot read")
+        out = torch.empty(end - start, dtype=torch.uint8)
         try:
-            return self._handles[file].get_tensor(self._ckpt[name])
-        except Exception as e:
+            with open(os.path.join(self.folder, file), "rb", buffering=0) as f:
+                f.seek(start)
+                view, got = memoryview(out.numpy()), 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise EOFError(f"file ends {len(view) - got} bytes early")
+                    got += n
+        except (OSError, EOFError) as e:
             raise ModelFileError(f"cannot read tensor {name} from {file} ({e}); the shard is corrupt, download it again") from e
+        return out.view(dtype).reshape(shape) if out.numel() else torch.empty(shape, dtype=dtype)
 
     def close(self):
         self._handles.clear()
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def empty_model(model_class, config) -> torch.nn.Module:
@@ -259,6 +285,18 @@ def tie_if_needed(model: torch.nn.Module) -> None:
         out.weight = inp.weight
 
 
+def transformers_renamer(model: torch.nn.Module):
+    """Checkpoint key -> module key with transformers' own renamings for this model (identity if none)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # not a transformers model, or internals changed: names are used as they are
+        return None
+    return (lambda key: apply_renamings(key, renamings)) if renamings else None
+
+
 def model_class_for(source: ModelSource):
     import transformers
 
@@ -298,5 +336,5 @@ def load_transformers_model(source: ModelSource, settings=None) -> LoadedModel:
         ) from e
     cls = model_class_for(source)
     model = empty_model(cls, config)
-    store = WeightStore(source.path, "model")
+    store = WeightStore(source.path, "model", key_map=transformers_renamer(model))
     return LoadedModel(model=model, processor=load_processor(source.path), source=source, weights=store)

@@ -104,23 +104,6 @@ def _materialize_blocks(run) -> None:
             run.loader.load(block)
 
 
-@contextlib.contextmanager
-def _after_prepare(step):
-    """Run ``step(run)`` right after ``prepare`` inside ``run_verify`` (the rest is unchanged)."""
-    original = verify_mod.prepare
-
-    def wrapped(*args, **kwargs):
-        run = original(*args, **kwargs)
-        step(run)
-        return run
-
-    verify_mod.prepare = wrapped
-    try:
-        yield
-    finally:
-        verify_mod.prepare = original
-
-
 def first_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model output: logits / sample / the first field or item."""
     if isinstance(output, torch.Tensor):
@@ -182,8 +165,12 @@ class Kit:
         settings = {k: v for k, v in self.settings.items() if k not in ("iters", "group_size", "batch_size")}
         if step is None:
             return api.verify(self.folder, self.adapter, **settings)
-        with _after_prepare(step):
-            return api.verify(self.folder, self.adapter, **settings)
+        settings = dict(settings, keep_blocks=True)
+        settings.setdefault("nsamples", 2)
+        settings.setdefault("seqlen", 64)
+        run = api.prepare(self.folder, self.adapter, api.make_settings(**settings))
+        step(run)
+        return verify_mod.verify_prepared(run)
 
     # 1. replay equivalence
     def check_replay(self, step=None):

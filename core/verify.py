@@ -116,7 +116,11 @@ def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
 
 def run_verify(model: str | None, adapter: str | None, settings: RunSettings) -> VerifyReport:
     settings.extra["keep_blocks"] = True
-    run = prepare(model, adapter, settings)
+    return verify_prepared(prepare(model, adapter, settings))
+
+
+def verify_prepared(run) -> VerifyReport:
+    """Verify a run returned by ``api.prepare`` (callers may change the model in between)."""
     capture_inputs(run)
     refs = reference(run, run.batches)
     report = VerifyReport(adapter=run.entry.name, model=run.source.path, samples=len(run.stores[0]) if run.stores else 0)

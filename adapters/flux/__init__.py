@@ -13,7 +13,6 @@ What is FLUX-specific, all in this folder:
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import blockquant
@@ -22,7 +21,6 @@ from blockquant import AdapterInfo, ExampleModel
 from . import calibration as _calibration
 from .loading import PIPELINE_CLASS, TRANSFORMER_FOLDER, WEIGHTS_NAME
 
-log = logging.getLogger("blockquant")
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 

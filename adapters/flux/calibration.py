@@ -69,7 +69,8 @@ def calibration_plan(transformer, source, settings) -> list[dict]:
         raise UsageError(f"flux_trajectory '{mode}' is unknown; choose one of {', '.join(MODES)}")
     spec = getattr(source, "spec", None) if source is not None else None
     prompts = read_prompts(spec)
-    sample_size = getattr(getattr(pipe, "vae", None), "config", {}).get("sample_size", 1024) if pipe.vae else 1024
+    # default resolution: the one the VAE was configured for (1024 for FLUX.1; 64 for the tiny example)
+    sample_size = pipe.vae.config.get("sample_size", 1024) if getattr(pipe, "vae", None) is not None else 1024
     size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
     height = int(_extra(settings, "height", size))
     width = int(_extra(settings, "width", size))
@@ -163,12 +164,25 @@ def _image_latents(pipe, path, height, width, device, dtype):
     from PIL import Image
 
     image = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
-    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, pipe.vae.dtype)
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(_device_of(pipe.vae), pipe.vae.dtype)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     packed = pipe._pack_latents(latents, 1, latents.shape[1], latents.shape[2], latents.shape[3])
-    return packed.to(dtype)
+    return packed.to(device, dtype)
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def encode_prompt(pipe, prompt: str, max_sequence_length: int):
+    """T5 and pooled CLIP embeddings, each computed on its encoder's own device (they may differ)."""
+    with torch.no_grad():
+        pooled = pipe._get_clip_prompt_embeds(prompt=prompt, device=_device_of(pipe.text_encoder))
+        embeds = pipe._get_t5_prompt_embeds(prompt=prompt, device=_device_of(pipe.text_encoder_2),
+                                            max_sequence_length=max_sequence_length)
+    return embeds, pooled
 
 
 def run_pipeline(transformer, batch: dict) -> None:
@@ -176,9 +190,7 @@ def run_pipeline(transformer, batch: dict) -> None:
     pipe = pipeline_of(transformer)
     device = transformer.x_embedder.weight.device
     dtype = transformer.x_embedder.weight.dtype
-    with torch.no_grad():
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=batch["prompt"], prompt_2=None, device=device, max_sequence_length=batch["max_sequence_length"])
+    prompt_embeds, pooled = encode_prompt(pipe, batch["prompt"], batch["max_sequence_length"])
     run = {"mode": batch["mode"], "step": 0, "steps": batch["num_inference_steps"], "noise": None, "x0": None}
     if batch["mode"] == "capture_only" and batch.get("image"):
         run["x0"] = _image_latents(pipe, batch["image"], batch["height"], batch["width"], device, dtype)
@@ -208,7 +220,7 @@ def run_pipeline(transformer, batch: dict) -> None:
     transformer.forward = types.MethodType(forward, transformer)
     try:
         pipe(
-            prompt_embeds=prompt_embeds.to(dtype), pooled_prompt_embeds=pooled.to(dtype),
+            prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
             height=batch["height"], width=batch["width"], num_inference_steps=batch["num_inference_steps"],
             guidance_scale=batch["guidance_scale"], max_sequence_length=batch["max_sequence_length"],
             generator=torch.Generator("cpu").manual_seed(batch["seed"]), output_type="latent",
