@@ -42,6 +42,8 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--quant_vision", action="store_true", help="VLMs: quantize the vision tower's blocks too")
     p.add_argument("--num_inference_steps", type=int, default=4, help="diffusion calibration: denoising steps per prompt")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="an adapter option, repeatable (e.g. --set flux_trajectory=capture_only)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
 
 
@@ -103,9 +105,25 @@ def _settings_kwargs(args) -> dict:
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):
         out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)
+    for item in getattr(args, "extra", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            from .errors import UsageError
+
+            raise UsageError(f"--set {item}: expected KEY=VALUE")
+        out[key.strip()] = _scalar(value.strip())
     if hasattr(args, "max_shard_size"):
         out["max_shard_size"] = _size(args.max_shard_size)
     return out
+
+
+def _scalar(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def cmd_adapters(args) -> int:

@@ -137,3 +137,21 @@ def test_capture_only_with_images_interpolates_towards_the_image_latent(example,
     x0 = [(inputs[k] - sigmas[k] * noise) / (1 - sigmas[k]) for k in range(1, STEPS)]
     assert x0[0].abs().max() > 0.1          # a real image latent, not zero
     torch.testing.assert_close(x0[1], x0[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_keeps_accelerate_hooks_on_the_transformer(example):
+    """run_pipeline wraps forward only for its duration, restoring a dispatched model's hook wrapper."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_submodules
+
+    tr = example.model
+    dispatch_model(tr, device_map={"": "cpu"}, force_hooks=True)
+    try:
+        wrapped = vars(tr)["forward"]
+        batch = cal.calibration_plan(tr, None, RunSettings(nsamples=1, num_inference_steps=2, seqlen=16))[0]
+        with torch.no_grad():
+            cal.run_pipeline(tr, batch)
+        assert vars(tr)["forward"] is wrapped
+    finally:
+        remove_hook_from_submodules(tr)
+    assert not hasattr(tr, "_hf_hook")

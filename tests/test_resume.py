@@ -19,7 +19,7 @@ from blockquant import cli
 
 QUANT = os.path.join(os.path.dirname(sys.executable), "quant")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
-ARGS = ["--adapter", "generic", "--iters", "40", "--nsamples", "4", "--seqlen", "16", "--batch_size", "2",
+ARGS = ["--adapter", "generic", "--iters", "15", "--nsamples", "2", "--seqlen", "16", "--batch_size", "2",
         "--group_size", "32", "--device", "cpu"]
 
 
@@ -92,12 +92,12 @@ def test_sigkill_resumes_to_identical_output_and_other_settings_are_refused(mode
     assert rc == -signal.SIGKILL
     assert progress["blocks_done"] >= 1 and not os.path.exists(out)
     # other settings: refused, naming what changed and the two ways on; the saved state is untouched
-    changed = [a if a != "40" else "41" for a in ARGS]
+    changed = [a if a != "15" else "16" for a in ARGS]
     capsys.readouterr()
     assert main([model, "-o", out] + changed) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: an interrupted run with different settings exists")
-    assert "iters: was 40, now 41" in err and "--fresh" in err
+    assert "iters: was 15, now 16" in err and "--fresh" in err
     with open(os.path.join(out + ".partial", "progress.json")) as f:
         assert json.load(f)["blocks_done"] == progress["blocks_done"]
     # the same command resumes and matches the uninterrupted run byte for byte
@@ -110,7 +110,7 @@ def test_fresh_discards_interrupted_state(model, tmp_path, capsys):
     os.makedirs(out + ".partial")
     with open(os.path.join(out + ".partial", "progress.json"), "w") as f:
         json.dump({"identity": {"iters": 999}, "blocks_done": 3}, f)
-    fast = [a if a != "40" else "0" for a in ARGS]
+    fast = [a if a != "15" else "0" for a in ARGS]
     assert main([model, "-o", out] + fast) == 2               # the stale state is refused...
     assert main([model, "-o", out, "--fresh"] + fast) == 0    # ...and --fresh starts over
     assert "already done" not in capsys.readouterr().err

@@ -195,6 +195,7 @@ def run_pipeline(transformer, batch: dict) -> None:
     if batch["mode"] == "capture_only" and batch.get("image"):
         run["x0"] = _image_latents(pipe, batch["image"], batch["height"], batch["width"], device, dtype)
     original = transformer.forward
+    own_forward = vars(transformer).get("forward")    # accelerate's hook wrapper lives here when dispatched
 
     def forward(self, *args, **kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -227,5 +228,8 @@ def run_pipeline(transformer, batch: dict) -> None:
             callback_on_step_end=step_done,
         )
     finally:
-        del transformer.forward
+        if own_forward is not None:
+            transformer.forward = own_forward
+        else:
+            del transformer.forward
         object.__delattr__(transformer, RUN_ATTR)
