@@ -17,7 +17,7 @@ from .blocks import Block, bind_inputs
 from .contract import SampleInputs, Traits
 from .errors import DataError
 from .store import GroupStore, same_value, to_device
-from .streaming import BlockLoader, free_memory
+from .streaming import free_memory
 
 log = logging.getLogger("blockquant")
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
 from .api import Run, capture_inputs, prepare, signals_caught
 from .config import RunSettings
 from .errors import Interrupted, ResourceError

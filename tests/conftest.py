@@ -6,6 +6,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """tiny_folder(kind="llama"|"qwen3", layers=4, hidden=64) -> path of a saved tiny model."""

@@ -1,6 +1,5 @@
 """The engine on the generic adapter: replay equivalence, capture stops early, compact store."""
 import pytest
-import torch
 
 from blockquant import api
 

@@ -15,15 +15,6 @@ from blockquant.config import RunSettings  # noqa: E402
 from blockquant.errors import DataError, UsageError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 STEPS = 3
 
 

@@ -10,15 +10,6 @@ from blockquant.dispatch_plan import plan_devices  # noqa: E402
 from blockquant.errors import ResourceError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def example():
     return flux.example_model()

@@ -15,15 +15,6 @@ from blockquant.adapters.flux import calibration as cal  # noqa: E402
 from blockquant.adapters.flux.loading import load_quantized_pipeline  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 STEPS = 3
 SMALL = dict(nsamples=2, num_inference_steps=STEPS, seqlen=16, device="cpu", seed=0)
 

@@ -11,15 +11,6 @@ from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux.example import build_pipeline, save_pipeline  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Two independently built pipelines saved to two folders."""

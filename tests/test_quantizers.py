@@ -7,15 +7,6 @@ import torch
 from blockquant.config import QuantScheme
 from blockquant.quantizers import QuantizedWeight, fake_quantize, quant_params, quantize
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 OUT, IN = 24, 256
 
 

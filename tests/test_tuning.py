@@ -11,15 +11,6 @@ from blockquant.config import QuantScheme
 from blockquant.quantizers import quantize
 from blockquant.tuning import TuneResult, tune_block
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SCHEME = QuantScheme(bits=4, group_size=32, sym=True)
 NSAMPLES, TOKENS, HIDDEN = 16, 8, 64
 
