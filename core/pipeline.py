@@ -122,7 +122,11 @@ class BlockLoop:
             outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
         cache = ctx.cache_device
         state["quant"] = [to_device(o, cache) for o in outputs]
-        state["fp"] = [to_device(t, cache) for t in targets] if targets is not None else state["quant"]
+        if targets is not None:
+            state["fp"] = [to_device(t, cache) for t in targets]
+        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
+            state["fp"] = state["quant"]
+            state["fp_states"] = [dict(s) for s in state["quant_states"]]
         if ctx.writer is not None:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()

@@ -38,8 +38,12 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def to_device(value: Any, device) -> Any:
+    """Detach and move; a view into a larger tensor is copied so the store never keeps its base alive."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
+        t = value.detach().to(device)
+        if t.device.type != "meta" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()
+        return t
     if isinstance(value, tuple):
         return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):

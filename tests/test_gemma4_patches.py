@@ -135,3 +135,12 @@ def test_installed_release_stores_shared_kv_as_its_strategy_says():
     stored = {strategy.store_key(l.self_attn) for l in layers if l.self_attn.store_full_length_kv}
     read = {strategy.read_key(l.self_attn) for l in layers if l.self_attn.is_kv_shared_layer}
     assert set(state.keys()) == stored and read <= stored
+
+
+def test_the_engine_refuses_a_release_outside_the_range(monkeypatch):
+    real = plugins.md.version
+    monkeypatch.setattr(plugins.md, "version", lambda dist: "5.5.2" if dist == "transformers" else real(dist))
+    from blockquant import api
+
+    with pytest.raises(VersionError, match=r"supports transformers>=5\.5\.4.*installed transformers is 5\.5\.2"):
+        api.verify(adapter="gemma4")

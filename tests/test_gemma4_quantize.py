@@ -33,10 +33,11 @@ def text(tmp_path_factory):
     return folder, ids, logits
 
 
-def _quantized_logits(folder, out, ids, **settings):
+def _quantized_logits(folder, out, ids, expect_layers=32, **settings):
+    """Quantize, load the export back, return its logits; 32 layers: 9 per block, 7 in KV-shared blocks."""
     result = api.quantize(folder, adapter="gemma4", output_dir=out, **dict(SETTINGS, **settings))
     model = load_quantized(result.output_dir)
-    assert sum(type(m).__name__ == "QuantLinear" for m in model.modules()) == 32   # 4 blocks, KV-shared have 7
+    assert sum(type(m).__name__ == "QuantLinear" for m in model.modules()) == expect_layers
     with torch.no_grad():
         return model(ids, use_cache=False).logits, result
 
@@ -77,3 +78,38 @@ def test_cli_quantizes_the_example_model_without_a_model_argument(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
     model = load_quantized(str(out))
     assert type(model).__name__ == "Gemma4ForCausalLM"
+
+
+def test_a_storing_block_left_in_full_precision_still_feeds_the_kv_shared_blocks(text, tmp_path):
+    """Block 1 (the last full-attention layer before the KV-shared ones) has nothing to tune, yet its
+    keys/values must reach block 3 in both replay streams (fp targets and quantized)."""
+    folder, ids, fp = text
+    logits, result = _quantized_logits(folder, str(tmp_path / "keep1"), ids, scheme="W4A16", iters=1,
+                                       ignore_layers=("model.layers.1.",), expect_layers=23)
+    assert [b.layers for b in result.report.blocks] == [9, 0, 7, 7]
+
+
+def test_multimodal_with_the_vision_tower_round_trips(tmp_path):
+    from blockquant.image_data import draw_shape
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (shape, size) in enumerate([("circle", (64, 48)), ("square", (40, 72))]):
+        draw_shape(shape, "red", "blue", size).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a red {shape} on a blue background")
+    example = gemma4.example_multimodal()
+    folder = str(tmp_path / "mm")
+    example.save(folder)
+    batch = example.processor(text=["<|image|> a purple triangle"],
+                              images=[[draw_shape("triangle", "purple", "white", (60, 60))]], return_tensors="pt")
+    with torch.no_grad():
+        fp = example.model(**batch, use_cache=False).logits
+    result = api.quantize(folder, adapter="gemma4", output_dir=str(tmp_path / "out"), scheme="W8A16", iters=0,
+                          images=str(images), quant_vision=True, **dict(SETTINGS, seqlen=96, nsamples=2))
+    assert "preprocessor_config.json" in os.listdir(result.output_dir)
+    model = load_quantized(result.output_dir)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
+    assert len(names) == 46 and sum(".vision_tower." in n for n in names) == 14   # 7 linears x 2 vision blocks
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+    assert _rel(logits, fp) < 0.15

@@ -23,13 +23,19 @@ SETTINGS = dict(nsamples=2, seqlen=40)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Saved example models, built on first use: folders(kind) with kind text4/text4kv/text12kv/mm."""
+    """Saved example models, built on first use: folders(kind), kind a key of ``builders``."""
     root, made = tmp_path_factory.mktemp("gemma4"), {}
     builders = {
         "text4": lambda: gemma4.example_text(4, kv_shared=0),
         "text4kv": lambda: gemma4.example_text(4, kv_shared=2),
         "text12kv": lambda: gemma4.example_text(12, kv_shared=2),
+        # like the larger Gemma 4 models: no per-layer inputs, keys = values on full layers, MoE blocks
+        "text4moe": lambda: gemma4.example_text(4, kv_shared=0, hidden_size_per_layer_input=0, attention_k_eq_v=True,
+                                                num_global_key_value_heads=1, enable_moe_block=True, num_experts=4,
+                                                top_k_experts=2, moe_intermediate_size=32),
         "mm": lambda: gemma4.example_multimodal(),
+        # image tokens attend to each other bidirectionally in sliding layers (larger Gemma 4 models)
+        "mmbidir": lambda: gemma4.example_multimodal(use_bidirectional_attention="vision"),
     }
 
     def get(kind):
@@ -58,7 +64,7 @@ def _assert_equivalent(report, paths, layers):
     assert all(not b.differing_kwargs for b in report.blocks), report.render()
 
 
-@pytest.mark.parametrize("kind", ["text4", "text4kv"])
+@pytest.mark.parametrize("kind", ["text4", "text4kv", "text4moe"])
 def test_text_replay_matches_the_forward(folders, kind):
     _assert_equivalent(api.verify(folders(kind), adapter="gemma4", **SETTINGS), [TEXT], [4])
 
@@ -68,8 +74,8 @@ def test_multimodal_replay_with_images_matches_the_forward(folders, images):
     _assert_equivalent(report, [MM_TEXT], [4])
 
 
-def test_multimodal_replay_of_text_and_vision_groups(folders, images):
-    report = api.verify(folders("mm"), adapter="gemma4", images=images, quant_vision=True, seqlen=96, nsamples=2)
+def test_multimodal_bidirectional_replay_of_text_and_vision_groups(folders, images):
+    report = api.verify(folders("mmbidir"), adapter="gemma4", images=images, quant_vision=True, seqlen=96, nsamples=2)
     _assert_equivalent(report, [MM_TEXT, VISION], [4, 2])
 
 

@@ -300,3 +300,15 @@ def test_cuda_oom_in_calibration_falls_back_to_cpu(model, tmp_path, monkeypatch,
     assert raised and rc == 0, err
     assert "retrying this batch on the CPU" in err
     assert complete_output(out)
+
+
+def test_ram_warning_names_the_options_that_lower_it(model, caplog):
+    """A predicted peak above the available RAM is a warning naming --nsamples/--seqlen and --cache_device."""
+    from blockquant.api import make_settings, prepare
+    from blockquant.runner import check_memory
+
+    run = prepare(model, "generic", make_settings(nsamples=200_000, seqlen=4096, device="cpu"))
+    with caplog.at_level("WARNING", logger="blockquant"):
+        check_memory(run)
+    assert "predicted peak RAM" in caplog.text
+    assert "--nsamples" in caplog.text and "--cache_device" in caplog.text

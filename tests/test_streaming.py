@@ -119,3 +119,13 @@ def test_peak_ram_is_the_real_high_water_mark():
     assert peak - before >= 250 * 2 ** 20
     assert peak - now >= 250 * 2 ** 20
     assert peak_rss_bytes() > 0
+
+
+def test_predicted_output_size_matches_the_written_checkpoint(tmp_path):
+    """The free-disk check's estimate is close to what a run really writes."""
+    from blockquant.runner import predicted_output_bytes
+
+    result = quantize(save(tmp_path / "model", dtype=torch.bfloat16), tmp_path / "out")
+    written = sum(os.path.getsize(os.path.join(result.output_dir, f))
+                  for f in os.listdir(result.output_dir) if f.endswith(".safetensors"))
+    assert 0.8 * written <= predicted_output_bytes(result.run) <= 1.2 * written

@@ -4,7 +4,7 @@
   sliding and full layers alternating, per-layer inputs (PLE) and ``kv_shared`` KV-shared layers
   (0: none); the tokenizer is ``blockquant.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
 - ``example_multimodal()``: ``Gemma4ForConditionalGeneration`` (model_type ``gemma4``) with the same
-  text model and a 2-block vision tower; its processor expands an image into 64 soft tokens.
+  text model and a 2-block vision tower; its processor turns an image into at most 70 soft tokens.
 
 ``save(folder)`` writes what a hub folder holds: config.json, generation_config.json,
 model.safetensors, the tokenizer files and (multimodal) preprocessor_config.json.
@@ -74,18 +74,20 @@ def _saver(model, processor_parts):
     return save
 
 
-def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED) -> ExampleModel:
-    """A tiny ``Gemma4ForCausalLM`` (about 0.24M parameters with 4 layers) and its tokenizer."""
+def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overrides) -> ExampleModel:
+    """A tiny ``Gemma4ForCausalLM`` (about 0.26M parameters with 4 layers) and its tokenizer.
+
+    ``overrides`` are ``Gemma4TextConfig`` fields (e.g. ``hidden_size_per_layer_input=0``)."""
     from transformers import Gemma4ForCausalLM
 
     torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(text_config(layers, kv_shared)).eval()
+    model = Gemma4ForCausalLM(text_config(layers, kv_shared, **overrides)).eval()
     tok = tokenizer()
     name = f"tiny-gemma4-text-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
     return ExampleModel(name=name, model=model, processor=tok, save=_saver(model, [tok]))
 
 
-def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None):
+def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None, **overrides):
     """Tiny ``Gemma4Config``: the text config above plus a 2-block vision tower (hidden 32)."""
     from transformers import Gemma4Config, Gemma4VisionConfig
 
@@ -97,7 +99,8 @@ def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None):
     )
     ids = {f"{name}_id": tok.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
     return Gemma4Config(
-        text_config=text_config(layers, kv_shared, vocab_size=vocab).to_dict(), vision_config=vision.to_dict(),
+        text_config=text_config(layers, kv_shared, vocab_size=vocab, **overrides).to_dict(),
+        vision_config=vision.to_dict(),
         image_token_id=ids["image_token_id"], boi_token_id=ids["boi_token_id"], eoi_token_id=ids["eoi_token_id"],
         audio_token_id=ids["audio_token_id"], boa_token_id=ids["boa_token_id"],
         eoa_token_index=tok.convert_tokens_to_ids(IMAGE_TOKENS["eoa_token"]),
@@ -105,8 +108,9 @@ def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None):
     )
 
 
-def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED) -> ExampleModel:
-    """A tiny ``Gemma4ForConditionalGeneration`` and its processor (images + text)."""
+def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overrides) -> ExampleModel:
+    """A tiny ``Gemma4ForConditionalGeneration`` and its processor (images + text); ``overrides`` are
+    text config fields (e.g. ``use_bidirectional_attention="vision"`` as in the larger Gemma 4 models)."""
     from transformers import Gemma4ForConditionalGeneration
 
     from .processor import assemble
@@ -114,7 +118,7 @@ def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED) ->
     tok = tokenizer(multimodal=True)
     images = image_processor()
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(multimodal_config(layers, kv_shared, tok)).eval()
+    model = Gemma4ForConditionalGeneration(multimodal_config(layers, kv_shared, tok, **overrides)).eval()
     processor = assemble(images, tok)
     name = f"tiny-gemma4-vision-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
     return ExampleModel(name=name, model=model, processor=processor, save=_saver(model, [tok, images]))

@@ -18,7 +18,6 @@ import torch
 
 TEXT_PATHS = ("model.language_model", "model")        # text model, multimodal first
 VISION_BLOCKS = "model.vision_tower.encoder.layers"
-AUDIO_BLOCKS = "model.audio_tower.layers"
 
 
 def _get(root: torch.nn.Module, path: str):
@@ -58,10 +57,6 @@ def is_text_block(block: torch.nn.Module) -> bool:
     return hasattr(block, "self_attn") and hasattr(block.self_attn, "is_kv_shared_layer")
 
 
-def uses_kv_sharing(config) -> bool:
-    return bool(getattr(config, "num_kv_shared_layers", 0))
-
-
 @dataclass
 class Options:
     """Run settings the adapter needs later (hooks after load_model do not receive settings)."""
@@ -70,7 +65,7 @@ class Options:
     variable_inputs: str | None = None
 
 
-_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # layer -> (text, top)
 _OPTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Options]" = weakref.WeakKeyDictionary()
 
 
