@@ -2,9 +2,10 @@
 
 What the engine's defaults already do for LLaVA: find the language model's decoder blocks
 (``model.language_model.layers``), load the model and its processor from the folder, stream the
-weights, replay the blocks (every block gets the same mask and rotary embeddings).  What this
-adapter adds: transformers' checkpoint renames when loading (``load_model``), detection (``adapter_info``), image + text calibration (``calibration_batches``) so
-the captured hidden states include image tokens, and a tiny offline model (``example_model``).
+weights, replay the blocks (every block gets the same mask and rotary embeddings).  The engine also
+applies transformers' checkpoint renames while streaming (LLaVA is saved under its hub names).  What
+this adapter adds: detection (``adapter_info``), image + text calibration (``calibration_batches``) so the
+captured hidden states include image tokens, and a tiny offline model (``example_model``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from blockquant import AdapterInfo, hookimpl
 
 from .calibration import calibration_batches as _calibration_batches
 from .example import build_example
-from .loading import load_model as _load_model
 
 __all__ = ["build_example"]
 
@@ -26,11 +26,6 @@ def adapter_info():
         architectures=("LlavaForConditionalGeneration",),
         requires={"transformers": ">=5.5.4,<6"},
     )
-
-
-@hookimpl
-def load_model(source, settings):
-    return _load_model(source, settings)
 
 
 @hookimpl
