@@ -18,19 +18,18 @@ def _status_kib(field: str) -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """The process's resident-set high-water mark in bytes (getrusage ru_maxrss and /proc VmHWM)."""
-    best = 0
+    """The process's resident-set high-water mark in bytes: /proc VmHWM where Linux has it (ru_maxrss
+    would report a forking parent's size for a child until the child outgrows it), else ru_maxrss."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     try:
         import resource
 
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        best = maxrss if sys.platform == "darwin" else maxrss * 1024   # bytes on macOS, KiB elsewhere
+        return (maxrss if sys.platform == "darwin" else maxrss * 1024) or current_rss_bytes()
     except (ImportError, OSError):
-        pass
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        best = max(best, hwm * 1024)
-    return best or current_rss_bytes()
+        return current_rss_bytes()
 
 
 def current_rss_bytes() -> int:

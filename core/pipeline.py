@@ -11,6 +11,7 @@ import torch
 
 from . import devices
 from .blocks import Block, choose_layers
+from .errors import BlockquantError
 from .replay import Replayer, stream_loss
 from .report import BlockRecord
 from .store import to_device
@@ -120,6 +121,10 @@ class BlockLoop:
             self.result.quantized.extend(choice.quantize)
         with torch.no_grad():
             outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
+        if not all(_finite(o) for o in outputs):
+            raise BlockquantError(
+                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
+                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
         cache = ctx.cache_device
         state["quant"] = [to_device(o, cache) for o in outputs]
         if targets is not None:
@@ -141,6 +146,16 @@ class BlockLoop:
         record.seconds = time.time() - start
         self.result.blocks.append(record)
         ctx.progress.block_done(block.ref.name, **_progress_info(record))
+
+
+def _finite(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _progress_info(record: BlockRecord) -> dict:

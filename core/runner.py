@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import time
+
+import torch
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,8 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(total_blocks, log, done=done)
     capture_inputs(run)
+    if run.loaded.weights is not None and not run.keep_blocks:
+        release_embeddings(run.model)
     log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", total_blocks, len(run.groups),
              _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     try:
@@ -169,6 +173,27 @@ def check_memory(run: Run) -> None:
                     "but only %s is available; lower --nsamples or --seqlen, or keep the cache on a GPU with "
                     "--cache_device cuda", human_bytes(extra), human_bytes(largest), human_bytes(cache),
                     human_bytes(available))
+
+
+def release_embeddings(model) -> None:
+    """After capture the token embeddings and the output head are not needed until export, which reads
+    them from the checkpoint again: free them (for large vocabularies they are gigabytes)."""
+    from .model_io import release
+
+    def get(getter):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            return None
+        return module if isinstance(module, torch.nn.Module) else None
+
+    inp, out = get("get_input_embeddings"), get("get_output_embeddings")
+    tied = inp is not None and out is not None and getattr(out, "weight", None) is getattr(inp, "weight", 0)
+    for module in (inp, out):
+        if module is not None:
+            release(module)
+    if tied:
+        out.weight = inp.weight
 
 
 def _scheme_label(s: RunSettings) -> str:

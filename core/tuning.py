@@ -134,6 +134,8 @@ def tune_block(
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
         raise ValueError("tune_block needs iters >= 0 and positive nsamples, batch_size, gradient_accumulate_steps")
+    if iters == 0:
+        return TuneResult(_rtn(layers, scheme), None, None, None, 0, False, time.perf_counter() - start)
     states = {name: _TunedLinear(layer, scheme, tune_minmax=iters > 0 and minmax_lr > 0)
               for name, layer in layers.items()}
     first_loss = best_loss = best_iter = None
@@ -147,6 +149,27 @@ def tune_block(
             weights[name] = qw = st.quantized(rtn=iters == 0 or fell_back)
             st.layer.weight.copy_(qw.dequantize(st.layer.weight.dtype))
     return TuneResult(weights, first_loss, best_loss, best_iter, iters_run, fell_back, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _rtn(layers: dict[str, torch.nn.Linear], scheme: QuantScheme) -> dict[str, QuantizedWeight]:
+    """Round to nearest, one layer at a time (no tuning state: peak memory stays one layer's worth)."""
+    weights = {}
+    for name, layer in layers.items():
+        if not isinstance(layer, torch.nn.Linear):
+            raise TypeError(f"tune_block handles torch.nn.Linear layers, got {type(layer).__name__}")
+        w = layer.weight
+        rows = max(1, RTN_CHUNK_ELEMENTS // w.shape[1])   # bounded temporaries for large layers
+        parts = [GroupedWeight(w[r:r + rows], scheme).quantize() for r in range(0, w.shape[0], rows)]
+        qw = QuantizedWeight(qweight=torch.cat([p.qweight for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                             zero=torch.cat([p.zero for p in parts]), scheme=scheme)
+        for r, part in zip(range(0, w.shape[0], rows), parts):
+            w[r:r + rows].copy_(part.dequantize(w.dtype))
+        weights[name] = qw
+    return weights
+
+
+RTN_CHUNK_ELEMENTS = 8 * 2 ** 20
 
 
 class _Run:

@@ -101,9 +101,6 @@ def test_weight_store_reads_copies_not_maps(tmp_path):
     assert not store.get(name).any()
 
 
-@pytest.mark.xfail(strict=True, reason="memory.peak_rss_bytes takes max(ru_maxrss, VmHWM); ru_maxrss keeps the "
-                   "parent's RSS at fork (Linux carries it across exec), so a child of a large process reports its "
-                   "parent's size - fix: prefer VmHWM where /proc exists")
 def test_peak_ram_is_the_real_high_water_mark():
     """A 256 MiB allocation that is freed again stays in the peak but not in the current RSS."""
     code = (

@@ -35,15 +35,14 @@ def outside_tensors(model: torch.nn.Module, block_prefixes: list[str], store=Non
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(inside):
             continue
-        if tensor.device.type == "meta":
-            if store is not None and name in store:
-                tensor = store.get(name)
-            else:
-                continue
         key = id(tensor)
         if key in seen:   # tied weights are saved once, as transformers does
             continue
         seen[key] = name
+        if tensor.device.type == "meta":   # released after capture, or never loaded: read it again
+            if store is None or name not in store:
+                continue
+            tensor = store.get(name)
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
 
