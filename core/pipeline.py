@@ -76,7 +76,15 @@ class BlockLoop:
                 state = {"position": 0, "fp": streams, "quant": streams,
                          "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
             for block in chain[state["position"]:]:
-                self._one_block(block, replayer, state)
+                try:
+                    self._one_block(block, replayer, state)
+                except torch.cuda.OutOfMemoryError:
+                    log.warning("CUDA out of memory in block %s: continuing on the CPU (lower --batch_size or "
+                                "use --cache_device cpu to stay on the GPU)", block.ref.name)
+                    devices.fall_back_to_cpu(ctx)
+                    ctx.loader.release(block)   # streamed: the retry reads the original weights again
+                    replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
+                    self._one_block(block, replayer, state)
                 state["position"] = block.ref.position + 1
                 if ctx.resume:
                     ctx.resume.block_done(block, g, state, ctx.writer, self.result)

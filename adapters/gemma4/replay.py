@@ -110,7 +110,7 @@ def rebuild(block: torch.nn.Module, cached, strategy) -> dict:
     if options_of_block(block).variable_inputs == "cache":
         return out
     extras = cached.extras.get(EXTRAS_KEY) or {}
-    device = inner.embed_tokens.weight.device      # outside the blocks: materialised where the model runs
+    device = next(block.parameters()).device       # where the block runs (embeddings may be freed by now)
     embeds = cached.kwargs["hidden_states"].to(device)
     position_ids = cached.kwargs["position_ids"].to(device)
     out["per_layer_input"] = per_layer_input(inner, embeds, extras.get("ple_ids"), attn.layer_idx)
