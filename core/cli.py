@@ -43,7 +43,7 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--num_inference_steps", type=int, default=4, help="diffusion calibration: denoising steps per prompt")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="an adapter option, repeatable (e.g. --set flux_trajectory=capture_only)")
+                   help="an adapter option, repeatable (e.g. --set KEY=VALUE as the adapter documents)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
 
 

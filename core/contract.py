@@ -28,8 +28,8 @@ class Traits:
     Every field has a default that suits a standard decoder-only transformers LM.
     """
 
-    # Block groups to quantize.  Each group is a chain of ModuleList paths whose blocks run one
-    # after the other (the output streams of one feed the next, e.g. FLUX's double- then
+    # Block groups to quantize.  Each group is a chain of ModuleList paths whose blocks run one after
+    # the other (the output streams of one feed the next, e.g. a diffusion transformer's double- then
     # single-stream blocks).  The first block of each group is captured from the model's forward.
     block_groups: list[list[str]] = field(default_factory=list)
     # Keyword arguments known to be identical for all samples: stored once, never compared.

@@ -193,7 +193,7 @@ def block_outputs(block, index, output, inputs, cached):
         cached: ``blockquant.SampleInputs`` of the sample (see ``replay_inputs``).
 
     Returns:
-        dict of stream tensors, e.g. ``{"hidden_states": out}``; FLUX returns both
+        dict of stream tensors, e.g. ``{"hidden_states": out}``; a two-stream block returns both
         ``hidden_states`` and ``encoder_hidden_states``.  The tuning loss covers every stream.
         The engine's default takes ``output[0]`` (or ``output``) as ``hidden_states``.
 
