@@ -118,15 +118,20 @@ def text_of(record) -> str | None:
     return None
 
 
-def _read_jsonl(path: str) -> list[str]:
-    texts = []
+def jsonl_records(path: str):
+    """Yield ``(line number, record)`` for each non-blank line of a .jsonl file (DataError on bad JSON)."""
     for number, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); write one JSON object per line") from exc
+
+
+def _read_jsonl(path: str) -> list[str]:
+    texts = []
+    for number, record in jsonl_records(path):
         text = text_of(record)
         if text is not None:
             texts.append(text)

@@ -17,7 +17,6 @@ Sources (all return a list of ``ImageText``):
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -148,18 +147,13 @@ def load_jsonl(path: str, n: int | None = None, seed: int = 0) -> list[ImageText
     if not os.path.isfile(path):
         raise DataError(f"calibration file {path} does not exist; pass a .jsonl of {{\"image\": ..., \"text\": ...}}")
     base = os.path.dirname(os.path.abspath(path))
+    from .calibration_data import jsonl_records
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not JSON ({e}); write one object per line") from e
-            if not isinstance(record, dict) or "image" not in record:
-                raise DataError(f"{path} line {number} has no \"image\" field; write {{\"image\": ..., \"text\": ...}}")
-            records.append((number, record))
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or "image" not in record:
+            raise DataError(f"{path} line {number} has no \"image\" field; write {{\"image\": ..., \"text\": ...}}")
+        records.append((number, record))
     out = []
     for number, record in (records[i] for i in choose(len(records), n, seed)):
         image = record["image"]

@@ -7,8 +7,6 @@ import logging
 import os
 import re
 import time
-
-import torch
 from dataclasses import dataclass
 
 import torch

@@ -76,7 +76,7 @@ def test_parquet_with_image_bytes(folder):
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "none", "does not exist"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "holds no images"),
-    (lambda d: (d / "bad.jsonl").write_text("{not json}\n") and d / "bad.jsonl", "not JSON"),
+    (lambda d: (d / "bad.jsonl").write_text("{not json}\n") and d / "bad.jsonl", "not valid JSON"),
     (lambda d: (d / "noimg.jsonl").write_text('{"text": "x"}\n') and d / "noimg.jsonl", "no \"image\" field"),
     (lambda d: (d / "broken.jsonl").write_text('{"image": "missing.png"}\n') and d / "broken.jsonl", "cannot read image"),
     (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "not a folder, .jsonl or .parquet"),

@@ -8,7 +8,6 @@ A source is a list of strings, a text file (one prompt per line), a ``.tsv`` fil
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 from blockquant.errors import DataError
@@ -81,22 +80,17 @@ def _from_tsv(path: str) -> list[str]:
 
 
 def _from_jsonl(path: str) -> list[str]:
+    from blockquant.calibration_data import jsonl_records
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if isinstance(item, str):
-                out.append(item)
-                continue
-            value = next((item[k] for k in _FIELDS if isinstance(item, dict) and k in item), None)
-            if value is None:
-                raise DataError(f"{path}:{number} has no 'prompt', 'caption' or 'text' field; add one")
-            out.append(value)
+    for number, item in jsonl_records(path):
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        value = next((item[k] for k in _FIELDS if isinstance(item, dict) and k in item), None)
+        if value is None:
+            raise DataError(f"{path}:{number} has no 'prompt', 'caption' or 'text' field; add one")
+        out.append(value)
     return out
 
 
