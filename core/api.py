@@ -81,8 +81,14 @@ class Run:
             raise Interrupted(f"stopped by {self.interrupted}; progress is saved - re-run the same command to resume")
 
     def autocast(self):
+        """Mixed precision for the tuning forward/backward (targets and outputs stay in full precision):
+        CUDA with a bf16/fp16 model, and CPUs with native bf16 (AVX512-BF16/AMX, about 2.5x faster there)."""
+        if not self.settings.amp:
+            return contextlib.nullcontext()
         if self.device.type == "cuda" and self.model_dtype in (torch.float16, torch.bfloat16):
             return torch.autocast("cuda", dtype=self.model_dtype)
+        if self.device.type == "cpu" and devices.cpu_has_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--minmax_lr", type=float, help="learning rate of the clipping scales (default lr)")
     q.add_argument("--batch_size", type=int, default=8, help="samples per tuning step")
     q.add_argument("--gradient_accumulate_steps", type=int, default=1)
+    q.add_argument("--disable_amp", dest="amp", action="store_false",
+                   help="tune in full precision (default: bf16 autocast on CPUs with native bf16 and on CUDA)")
     q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
     q.add_argument("--cache_device", help="where the calibration cache lives: cpu or cuda[:N] (default: --device)")
     q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
@@ -100,7 +102,7 @@ def _size(text: str) -> int:
 def _settings_kwargs(args) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
             "quant_vision", "num_inference_steps", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
-            "lr", "minmax_lr", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
+            "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
             "output_dir", "overwrite", "fresh")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):

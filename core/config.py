@@ -92,6 +92,7 @@ class RunSettings:
     quant_vision: bool = False        # VLMs: also quantize the vision tower's blocks
     images: str | None = None         # folder / .jsonl of images for image+text calibration
     num_inference_steps: int = 4      # diffusion calibration
+    amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -115,7 +116,7 @@ class RunSettings:
 
     def fingerprint(self) -> dict:
         """The settings that determine the output bytes."""
-        keys = ("iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
+        keys = ("iters", "lr", "minmax_lr", "amp", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
                 "dataset", "seed", "to_quant_block_names", "ignore_layers", "format", "variable_inputs",
                 "quant_vision", "images", "num_inference_steps")
         out = {k: getattr(self, k) for k in keys}

@@ -36,6 +36,12 @@ def _index(spec: str) -> int:
         raise UsageError(f"--device {spec} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX512-BF16 or AMX): CPU autocast pays off only there."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
