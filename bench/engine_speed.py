@@ -60,7 +60,7 @@ def one(folder: str, iters: int, args) -> dict:
     start = time.time()
     result = api.quantize(folder, adapter="generic", iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, bits=args.bits, group_size=args.group_size, device=args.device,
-                          format="fake", keep_blocks=True, seed=0)
+                          format="fake", keep_blocks=True, seed=0, amp=not args.disable_amp)
     wall = time.time() - start
     peak = peak_rss_bytes()
     ids = heldout(folder)
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--disable_amp", action="store_true", help="tune in fp32 (no bf16 autocast)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -108,7 +109,7 @@ def main():
 
 def _pass(args) -> list[str]:
     return ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
-            "--bits", str(args.bits), "--group_size", str(args.group_size), "--device", args.device]
+            "--bits", str(args.bits), "--group_size", str(args.group_size), "--device", args.device] + (["--disable_amp"] if args.disable_amp else [])
 
 
 if __name__ == "__main__":
