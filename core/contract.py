@@ -105,3 +105,16 @@ class ExampleModel:
     processor: Any = None           # tokenizer, processor, or None
     save: Callable[[str], None] | None = None   # writes a hub-like folder
     pipeline: Any = None            # diffusers pipeline, when the family has one
+
+    @classmethod
+    def of(cls, name: str, model, processor=None) -> "ExampleModel":
+        """An example whose ``save`` writes the model and its processor with ``save_pretrained``."""
+        def save(folder: str) -> None:
+            import os
+
+            os.makedirs(folder, exist_ok=True)
+            model.save_pretrained(folder)
+            if processor is not None:
+                processor.save_pretrained(folder)
+
+        return cls(name=name, model=model, processor=processor, save=save)

@@ -8,7 +8,6 @@ eval mode on ``device``.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 
@@ -17,19 +16,14 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import ModelFileError, UsageError
+from .model_io import read_json
 from .qlinear import QuantLinear
 
 log = logging.getLogger("blockquant")
 
 
 def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
+    return read_json(path, fix="re-export the model")
 
 
 def weight_files(path: str) -> dict[str, str]:

@@ -36,8 +36,8 @@ class ModelSource:
                 path = _download(path)
             else:
                 raise ModelFileError(f"model folder {path} does not exist; pass a local folder or a hub name (org/name)")
-        config = _read_json(os.path.join(path, "config.json"))
-        model_index = _read_json(os.path.join(path, "model_index.json"))
+        config = read_json(os.path.join(path, "config.json"))
+        model_index = read_json(os.path.join(path, "model_index.json"))
         if config is None and model_index is None:
             raise ModelFileError(
                 f"{path} holds neither config.json nor model_index.json; pass the folder of a transformers model "
@@ -58,14 +58,15 @@ class ModelSource:
         return (self.model_index or {}).get("_class_name")
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
+def read_json(path: str, fix: str = "restore the file from the original model") -> dict | None:
+    """A JSON file's content, None when it does not exist; invalid JSON is a ModelFileError naming ``fix``."""
+    if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path} is not valid JSON ({e}); restore the file from the original model") from e
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e}); {fix}") from e
 
 
 def _download(name: str) -> str:
@@ -107,7 +108,7 @@ class WeightStore:
         index_path = os.path.join(folder, f"{prefix}.safetensors.index.json")
         single = os.path.join(folder, f"{prefix}.safetensors")
         if os.path.exists(index_path):
-            index = _read_json(index_path) or {}
+            index = read_json(index_path) or {}
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelFileError(f"{index_path} has no weight_map; restore it from the original model")

@@ -5,8 +5,6 @@ kwargs (rotary embeddings and mask are computed once by the model), so nothing i
 """
 from __future__ import annotations
 
-import os
-
 from blockquant import AdapterInfo, ExampleModel, hookimpl
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "gemma2", "gemma3_text",
@@ -50,12 +48,7 @@ def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: 
     tokenizer = tiny_tokenizer(config.vocab_size)
     name = f"tiny-{kind}"
 
-    def save(folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return ExampleModel(name=name, model=model, processor=tokenizer, save=save)
+    return ExampleModel.of(name, model, tokenizer)
 
 
 @hookimpl

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import os
 
 from blockquant import AdapterInfo, ExampleModel, hookimpl
 
@@ -95,12 +94,7 @@ def build_example(seed: int = 0) -> ExampleModel:
     model = T5ForConditionalGeneration(config).eval()
     tokenizer = tiny_tokenizer(512)
 
-    def save(folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return ExampleModel(name="tiny-t5", model=model, processor=tokenizer, save=save)
+    return ExampleModel.of("tiny-t5", model, tokenizer)
 
 
 @hookimpl

@@ -1,5 +1,4 @@
 """Deliberately wrong adapters for blockquant's own tests (see replay.py and patch.py)."""
-import os
 
 from blockquant import ExampleModel
 
@@ -20,9 +19,4 @@ def tiny_sliding_lm(seed: int = 0) -> ExampleModel:
     model = Gemma3ForCausalLM(config).eval()
     tokenizer = tiny_tokenizer(512)
 
-    def save(folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return ExampleModel(name="tiny-sliding-lm", model=model, processor=tokenizer, save=save)
+    return ExampleModel.of("tiny-sliding-lm", model, tokenizer)
