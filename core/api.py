@@ -190,7 +190,7 @@ def capture_inputs(run: Run) -> None:
     calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
     run.pm.hook.pre_cache(model=run.model, calibration=calibration)
     all_blocks = [b for chain in run.groups for b in chain]
-    forward = lambda batch: _run_batch(run, batch)  # noqa: E731
+    forward = lambda batch: run_batch(run, batch)  # noqa: E731
     try:
         with run.loader.during_forward(all_blocks), torch.no_grad():
             detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.pm.hook.block_outputs),
@@ -210,7 +210,8 @@ def capture_inputs(run: Run) -> None:
                  _h(sizes["streams"]), _h(sizes["shared"]), _h(sizes["per_sample"]), _h(sizes["per_block"]))
 
 
-def _run_batch(run: Run, batch) -> None:
+def run_batch(run: Run, batch) -> None:
+    """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
     try:
         run.pm.hook.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
     except torch.cuda.OutOfMemoryError:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import capture_inputs, prepare
+from .api import capture_inputs, prepare, run_batch
 from .blocks import bind_inputs
 from .config import RunSettings
 from .contract import SampleInputs
@@ -105,9 +105,7 @@ def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
     try:
         with run.loader.during_forward(all_blocks), torch.no_grad():
             for batch in batches:
-                from .api import _run_batch
-
-                _run_batch(run, batch)
+                run_batch(run, batch)
     finally:
         for h in handles:
             h.remove()
