@@ -48,7 +48,9 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quant", description="Block-by-block AutoRound weight quantization.")
+    parser = argparse.ArgumentParser(
+        prog="quant", description="Block-by-block AutoRound weight quantization.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     q = sub.add_parser("quantize", help="quantize a model (the default command)")
     _run_options(q)
