@@ -104,7 +104,6 @@ class WeightStore:
         self.key_map = key_map   # callable: checkpoint name -> model name (e.g. transformers' renamings)
         self._files: dict[str, str] = {}   # model name -> file
         self._ckpt: dict[str, str] = {}    # model name -> checkpoint name
-        self._handles: dict[str, Any] = {}
         index_path = os.path.join(folder, f"{prefix}.safetensors.index.json")
         single = os.path.join(folder, f"{prefix}.safetensors")
         if os.path.exists(index_path):
@@ -140,17 +139,17 @@ class WeightStore:
 
     @staticmethod
     def _header_names(path: str, entries: dict | None = None) -> list[str]:
-        from safetensors import safe_open
-
+        """Parse and check a shard's safetensors header once (tensor names, dtypes, shapes, offsets)."""
         try:
             size = os.path.getsize(path)
-            with safe_open(path, framework="pt") as f:
-                names = list(f.keys())
-            # a truncated file still has a header: check the data section is whole
             with open(path, "rb") as raw:
                 header_len = int.from_bytes(raw.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
                 header = json.loads(raw.read(header_len))
             header.pop("__metadata__", None)
+            names = list(header)
+            # a truncated file still has a whole header: check the data section is whole too
             end = max((v["data_offsets"][1] for v in header.values()), default=0)
             if 8 + header_len + end > size:
                 raise ModelFileError(
@@ -205,7 +204,7 @@ class WeightStore:
         return out.view(dtype).reshape(shape) if out.numel() else torch.empty(shape, dtype=dtype)
 
     def close(self):
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can release a store uniformly."""
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
