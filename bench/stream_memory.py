@@ -1,13 +1,13 @@
 """Streaming-memory benchmark: peak RSS of a block-by-block run vs the bf16 weight size.
 
-    python bench/stream_memory.py [--dir /work/bench-data/stream] [--layers 19] [--hidden 4096] ...
+    python bench/stream_memory.py [--shape qwen3-4b|wide|deep] [--dir DIR] [--iters 2] [--skip rtn,autoround,full]
 
 1. Generates a random decoder-only (Llama-shaped) model of about 8 GB in bf16, written shard by
    shard with safetensors: the model is built on the meta device for names and shapes, and each
    shard's tensors are cut from one random pool, so the whole model never exists in memory.
 2. Quantizes it with RTN (iters 0) and with AutoRound (a few iters, small nsamples/seqlen), each in
-   its own subprocess; the peak RSS is the child's ru_maxrss from ``os.wait4`` (a real high-water mark,
-   independent of blockquant's own report).
+   its own subprocess; the peak RSS is the child's own VmHWM (a real high-water mark, independent of
+   blockquant's report).
 3. Measures the baseline (a subprocess that only imports torch, transformers and blockquant) and a
    full-load reference (transformers ``from_pretrained`` plus a pass that reads every weight).
 4. Prints peak RSS / bf16 weight size (goal <= 0.25) with a breakdown.
@@ -28,14 +28,31 @@ import time
 GiB = 1024 ** 3
 
 
+# Model shapes of about 8 GB in bf16.  qwen3-4b has the proportions of a real 8 GB model (Qwen3-4B:
+# 36 blocks, grouped-query attention, a 152k vocabulary with tied embeddings; one block is 1/40 of
+# the weights); wide and deep are the two shapes measured first (a block is 1/19 and 1/48).
+SHAPES = {
+    "qwen3-4b": dict(layers=36, hidden=2560, intermediate=9728, vocab=151936, heads=32, kv_heads=8, tie=True),
+    "wide": dict(layers=19, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=32, tie=False),
+    "deep": dict(layers=48, hidden=2560, intermediate=6912, vocab=32000, heads=20, kv_heads=20, tie=False),
+}
+HEAD_DIM = 128
+
+
 def build_config(args):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                       num_key_value_heads=args.hidden // 128, max_position_embeddings=4096,
-                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads, head_dim=HEAD_DIM,
+                       num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+                       tie_word_embeddings=args.tie, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                        dtype="bfloat16", architectures=["LlamaForCausalLM"])
+
+
+def block_params(args) -> int:
+    """q, k, v, o + gate, up, down of one decoder block."""
+    attn = 2 * args.hidden * args.heads * HEAD_DIM + 2 * args.hidden * args.kv_heads * HEAD_DIM
+    return attn + 3 * args.hidden * args.intermediate
 
 
 def generate(folder: str, args) -> int:
@@ -51,6 +68,8 @@ def generate(folder: str, args) -> int:
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+    if args.tie:     # tied: the checkpoint holds the embedding once
+        shapes.pop("lm_head.weight", None)
     del meta
     os.makedirs(folder, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -145,11 +164,10 @@ print('checksum', s)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default="/work/bench-data/stream", help="where the model and outputs go (not the repo)")
-    p.add_argument("--layers", type=int, default=19)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-4b", help="model proportions (see SHAPES)")
+    p.add_argument("--dir", help="where the model and outputs go, not the repo (default /work/bench-data/stream-SHAPE)")
+    for key in ("layers", "hidden", "intermediate", "vocab", "heads", "kv_heads"):
+        p.add_argument(f"--{key}", type=int, help="override the shape's value")
     p.add_argument("--shard_gb", type=float, default=2.0)
     p.add_argument("--pool", type=int, default=64_000_000, help="random values the tensors are cut from")
     p.add_argument("--iters", type=int, default=2, help="AutoRound iterations per block")
@@ -159,6 +177,10 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma list of runs to skip: rtn,autoround,full")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.dir = args.dir or f"/work/bench-data/stream-{args.shape}"
     model = os.path.join(args.dir, "model")
     if args.regenerate or not os.path.exists(os.path.join(model, "model.safetensors.index.json")):
         shutil.rmtree(model, ignore_errors=True)
@@ -168,8 +190,7 @@ def main() -> int:
         print(f"  generated in {time.time() - t0:.0f}s", flush=True)
     with open(os.path.join(model, "model.safetensors.index.json")) as f:
         weight_bytes = json.load(f)["metadata"]["total_size"]
-    h, inter = args.hidden, args.intermediate
-    block_params = 4 * h * h + 3 * h * inter   # q,k,v,o + gate,up,down (kv heads = heads here)
+    h, inter, block = args.hidden, args.intermediate, block_params(args)
     rows = []
     base, _, _, _ = measured(BASELINE)
     rows.append(("baseline (imports only)", base, 0.0, 0))
@@ -193,9 +214,10 @@ def main() -> int:
         rows.append(("full load (from_pretrained)", peak, secs, rc))
     cache = args.nsamples * args.seqlen * h * 4
     print(textwrap.dedent(f"""
-        model: {args.layers} layers, hidden {h}, intermediate {inter}, vocab {args.vocab}
-        bf16 weights {weight_bytes / GiB:.2f} GiB; largest block {2 * block_params / GiB:.3f} GiB bf16
-        ({4 * block_params / GiB:.3f} GiB as fp32 on the CPU); one calibration stream
+        model ({args.shape}): {args.layers} layers, hidden {h}, intermediate {inter}, heads {args.heads}/{args.kv_heads} kv,
+        vocab {args.vocab}{" (tied)" if args.tie else ""}
+        bf16 weights {weight_bytes / GiB:.2f} GiB; largest block {2 * block / GiB:.3f} GiB bf16
+        ({4 * block / GiB:.3f} GiB as fp32 on the CPU; 1/{weight_bytes / (2 * block):.0f} of the weights); one calibration stream
         {cache / 2 ** 20:.1f} MiB ({args.nsamples} x {args.seqlen} x {h} fp32)
         """))
     print(f"{'run':<30}{'peak RSS':>12}{'/ weights':>11}{'above baseline':>16}{'time':>9}  rc")

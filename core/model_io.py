@@ -239,7 +239,7 @@ def materialize(module: torch.nn.Module, prefix: str, store: WeightStore | None,
         if full not in store:
             continue
         value = store.get(full)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not all_finite(value):
             raise ModelFileError(f"tensor {full} in {store.folder} contains NaN or Inf values; the checkpoint is "
                                  "damaged - restore it from the original model")
         if tuple(value.shape) != tuple(tensor.shape):
@@ -251,6 +251,13 @@ def materialize(module: torch.nn.Module, prefix: str, store: WeightStore | None,
         set_module_tensor_to_device(module, name, device, value=value.to(target))
         total += value.numel() * value.element_size()
     return total
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN/Inf in ``tensor``, checked a chunk at a time: ``isfinite`` on a whole bf16 embedding
+    makes a float32 copy and a bool mask of it (measured +1.8 GiB for a 152k x 2560 table)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def release(module: torch.nn.Module) -> None:

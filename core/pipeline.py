@@ -12,6 +12,7 @@ import torch
 from . import devices
 from .blocks import Block, choose_layers
 from .errors import BlockquantError
+from .model_io import all_finite
 from .replay import Replayer, stream_loss
 from .report import BlockRecord
 from .store import to_device
@@ -158,7 +159,7 @@ class BlockLoop:
 
 def _finite(value) -> bool:
     if isinstance(value, torch.Tensor):
-        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return not value.is_floating_point() or all_finite(value)
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):

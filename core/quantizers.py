@@ -47,6 +47,10 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         return self.qweight.shape
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output channels ``start:stop`` (views)."""
+        return QuantizedWeight(self.qweight[start:stop], self.scale[start:stop], self.zero[start:stop], self.scheme)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this represents, [out, in], computed in float32 and returned as ``dtype``."""
         out_f, in_f = self.qweight.shape
@@ -88,6 +92,14 @@ class GroupedWeight:
         self.wmin = self.w.amin(dim=-1).to(torch.float32).clamp(max=0)
         self.wmax = self.w.amax(dim=-1).to(torch.float32).clamp(min=0)
 
+    def rows(self, start: int, stop: int) -> "GroupedWeight":
+        """The output channels ``start:stop`` (views, no copies): every quantity here is per row."""
+        part = object.__new__(GroupedWeight)
+        part.scheme, part.dtype, part.groups = self.scheme, self.dtype, self.groups
+        part.w, part.wmin, part.wmax = self.w[start:stop], self.wmin[start:stop], self.wmax[start:stop]
+        part.shape = torch.Size((part.w.shape[0], self.shape[1]))
+        return part
+
     def params(self, min_scale=None, max_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero), both float32 [out, G]; differentiable w.r.t. the clipping factors."""
         wmin = self.wmin if min_scale is None else self.wmin * min_scale
@@ -105,12 +117,13 @@ class GroupedWeight:
             zero = _round_ste(-wmin / scale).clamp(0, maxq)
         return scale, zero
 
-    def fake(self, v=None, min_scale=None, max_scale=None) -> torch.Tensor:
-        """Quantize-dequantize with straight-through rounding: [out, in] in the weight's dtype."""
+    def fake(self, v=None, min_scale=None, max_scale=None, dtype=None) -> torch.Tensor:
+        """Quantize-dequantize with straight-through rounding: [out, in] as ``dtype`` (None: the
+        weight's dtype; float32 is the exact result)."""
         scale, zero = self.params(min_scale, max_scale)
         v3 = None if v is None else self._grouped(v)
         out = _FakeQuant.apply(self.w, v3, scale.unsqueeze(-1), zero.unsqueeze(-1), self.scheme.maxq)
-        return out.reshape(self.shape).to(self.dtype)
+        return out.reshape(self.shape).to(self.dtype if dtype is None else dtype)
 
     @torch.no_grad()
     def quantize(self, v=None, min_scale=None, max_scale=None) -> QuantizedWeight:

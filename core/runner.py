@@ -15,7 +15,7 @@ from .api import Run, capture_inputs, prepare, signals_caught
 from .config import RunSettings
 from .errors import Interrupted, ResourceError
 from .export import checkpoint
-from .memory import reset_peak_vram
+from .memory import map_large_allocations, reset_peak_vram
 from .pipeline import Abandon, BlockLoop
 from .report import Progress, RunReport
 from .resume import Resume
@@ -46,6 +46,7 @@ def default_output_dir(run: Run) -> str:
 def run_quantization(model: str | None, adapter: str | None, settings: RunSettings) -> QuantizeResult:
     start = time.time()
     reset_peak_vram()
+    map_large_allocations()     # freed layer-sized temporaries go back to the OS, not the heap
     run = prepare(model, adapter, settings)
     try:
         return _quantize(run, start)

@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from .blocks import Block
+from .memory import trim_heap
 from .model_io import WeightStore, is_meta, materialize, release
 
 
@@ -78,15 +79,4 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
     else:
         gc.collect(1)   # young generations: cheap, and enough for the loop's short-lived cycles
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS: glibc keeps them in its arenas otherwise, and a block's
-    freed fp32 copies would stay in the resident set while the next block loads."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc
-        pass
+    trim_heap()

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import QuantScheme
+from .memory import heap_for_temporaries, trim_heap
 from .quantizers import GroupedWeight, QuantizedWeight
+from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, TunedLinear, row_chunks, write_dequantized
 
 
 @dataclass
@@ -32,76 +33,6 @@ class TuneResult:
     iters_run: int
     fell_back_to_rtn: bool
     seconds: float
-
-
-class _TunedLinear:
-    """Tuning state of one layer and the forward that replaces the layer's own while tuning."""
-
-    def __init__(self, layer: torch.nn.Linear, scheme: QuantScheme, tune_minmax: bool):
-        if not isinstance(layer, torch.nn.Linear):
-            raise TypeError(f"tune_block handles torch.nn.Linear layers, got {type(layer).__name__}")
-        self.layer = layer
-        self.grouped = GroupedWeight(layer.weight, scheme)
-        w = self.grouped.w
-        self.v = torch.zeros(layer.weight.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        ones = torch.ones(w.shape[:2], dtype=torch.float32, device=w.device)
-        self.min_scale = ones.clone().requires_grad_(tune_minmax)
-        self.max_scale = ones.requires_grad_(tune_minmax)
-        self.best: tuple[torch.Tensor, ...] | None = None     # None: the initial (RTN) parameters
-        self._cache_key = None
-        self._cache = None
-        self._saved = None
-
-    # --- the replacement forward -------------------------------------------------------------
-    def weight(self, generation: int) -> torch.Tensor:
-        """The fake-quantized weight, computed once per loss_fn call (samples may run separately)."""
-        key = (generation, torch.is_grad_enabled())
-        if self._cache_key != key:
-            self._cache = self.grouped.fake(self.v, self.min_scale, self.max_scale)
-            self._cache_key = key
-        return self._cache
-
-    def install(self, generation: Callable[[], int]) -> None:
-        layer = self.layer
-        bias = None if layer.bias is None else layer.bias.detach()
-
-        def forward(x, *args, **kwargs):
-            return F.linear(x, self.weight(generation()), bias)
-
-        # Under accelerate hooks, ``forward`` is the hook's wrapper that calls ``_old_forward``.
-        attr = "_old_forward" if "_old_forward" in layer.__dict__ else "forward"
-        self._saved = (attr, layer.__dict__.get(attr, _MISSING))
-        setattr(layer, attr, forward)
-
-    def uninstall(self) -> None:
-        if self._saved is None:
-            return
-        attr, old = self._saved
-        if old is _MISSING:
-            delattr(self.layer, attr)
-        else:
-            setattr(self.layer, attr, old)
-        self._saved = None
-        self._cache = self._cache_key = None
-
-    # --- parameters ----------------------------------------------------------------------------
-    def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.v, self.min_scale, self.max_scale
-
-    def remember_best(self) -> None:
-        if self.best is None:
-            self.best = tuple(p.detach().clone() for p in self.params())
-        else:
-            for b, p in zip(self.best, self.params()):
-                b.copy_(p)
-
-    def quantized(self, rtn: bool) -> QuantizedWeight:
-        if rtn:
-            return self.grouped.quantize()
-        return self.grouped.quantize(*(self.best if self.best is not None else self.params()))
-
-
-_MISSING = object()
 
 
 def _warn(log, message: str) -> None:
@@ -136,18 +67,22 @@ def tune_block(
         raise ValueError("tune_block needs iters >= 0 and positive nsamples, batch_size, gradient_accumulate_steps")
     if iters == 0:
         return TuneResult(_rtn(layers, scheme), None, None, None, 0, False, time.perf_counter() - start)
-    states = {name: _TunedLinear(layer, scheme, tune_minmax=iters > 0 and minmax_lr > 0)
-              for name, layer in layers.items()}
-    first_loss = best_loss = best_iter = None
-    iters_run, fell_back = 0, False
-    if iters > 0 and states:
+    if not layers:
+        return TuneResult({}, None, None, None, 0, False, time.perf_counter() - start)
+    states: dict[str, TunedLinear] = {}
+    try:
+        for name, layer in layers.items():
+            states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
         first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log)
+    except BaseException:
+        for st in states.values():       # leave the layers as they were
+            st.finish(None)
+        raise
     weights = {}
-    with torch.no_grad():
-        for name, st in states.items():
-            weights[name] = qw = st.quantized(rtn=iters == 0 or fell_back)
-            st.layer.weight.copy_(qw.dequantize(st.layer.weight.dtype))
+    for name, st in states.items():
+        weights[name] = qw = st.quantized(rtn=fell_back)
+        st.finish(qw)
     return TuneResult(weights, first_loss, best_loss, best_iter, iters_run, fell_back, time.perf_counter() - start)
 
 
@@ -159,17 +94,14 @@ def _rtn(layers: dict[str, torch.nn.Linear], scheme: QuantScheme) -> dict[str, Q
         if not isinstance(layer, torch.nn.Linear):
             raise TypeError(f"tune_block handles torch.nn.Linear layers, got {type(layer).__name__}")
         w = layer.weight
-        rows = max(1, RTN_CHUNK_ELEMENTS // w.shape[1])   # bounded temporaries for large layers
-        parts = [GroupedWeight(w[r:r + rows], scheme).quantize() for r in range(0, w.shape[0], rows)]
+        parts = [GroupedWeight(w[rows], scheme).quantize() for rows in row_chunks(w.shape, DEQUANT_CHUNK_ELEMENTS)]
         qw = QuantizedWeight(qweight=torch.cat([p.qweight for p in parts]), scale=torch.cat([p.scale for p in parts]),
                              zero=torch.cat([p.zero for p in parts]), scheme=scheme)
-        for r, part in zip(range(0, w.shape[0], rows), parts):
-            w[r:r + rows].copy_(part.dequantize(w.dtype))
+        del parts
+        write_dequantized(w, qw)
         weights[name] = qw
     return weights
 
-
-RTN_CHUNK_ELEMENTS = 8 * 2 ** 20
 
 
 class _Run:
@@ -182,7 +114,9 @@ class _Run:
         self.batch = min(batch_size, nsamples)
         self.accumulate = accumulate
         self.generator = torch.Generator().manual_seed(seed)
-        self.generation = 0
+        self.best_loss: float | None = None
+        self.best_iter: int | None = None
+        self.rates: dict[int, tuple[float, float, float]] = {}
         self._perm: list[int] = []
 
     def _indices(self) -> list[int]:
@@ -197,41 +131,48 @@ class _Run:
         """Returns (first_loss, best_loss, best_iter, iters_run, fell_back_to_rtn)."""
         vs = [st.v for st in self.states]
         scales = [p for st in self.states for p in (st.min_scale, st.max_scale) if p.requires_grad]
-        first = best = best_iter = None
+        first = None
+        hooks = []
         try:
             for st in self.states:
-                st.install(lambda: self.generation)
+                st.install()
+            if self.accumulate == 1:      # step each parameter as soon as its gradient is complete
+                hooks = [p.register_post_accumulate_grad_hook(self._step_now) for p in vs + scales]
             with torch.enable_grad():
                 for it in range(iters):
                     self._perm = []          # each iteration draws a fresh permutation
-                    loss = self._iteration()
+                    factor = 1.0 - it / iters
+                    self.rates = {}          # the step this iteration takes; none after the last
+                    if it + 1 < iters:       # (its result would never be evaluated)
+                        self.rates.update({id(p): (lr * factor, -0.5, 0.5) for p in vs})
+                        self.rates.update({id(p): (minmax_lr * factor, 0.0, 1.0) for p in scales})
+                    loss = self._iteration(it)
                     if loss is None:
                         _warn(log, f"non-finite loss at iteration {it}: this block falls back to RTN")
                         return first, None, None, it, True
                     if it == 0:
                         first = loss
-                    if best is None or loss < best:
-                        best, best_iter = loss, it
-                        for st in self.states:
-                            st.remember_best()
-                    if it + 1 < iters:       # the last step's result would never be evaluated
-                        factor = 1.0 - it / iters
-                        _sign_step(vs, lr * factor, -0.5, 0.5)
-                        _sign_step(scales, minmax_lr * factor, 0.0, 1.0)
-                    _clear_grads(vs + scales)
+                    if self.accumulate > 1:
+                        for p in vs + scales:
+                            self._step_now(p)
         finally:
+            for h in hooks:
+                h.remove()
             for st in reversed(self.states):      # reverse: a module listed twice ends up clean
                 st.uninstall()
             _clear_grads(vs + scales)
-        return first, best, best_iter, iters, False
+            trim_heap()           # what the iterations' temporaries left in the heap
+        return first, self.best_loss, self.best_iter, iters, False
 
-    def _iteration(self) -> float | None:
-        """Forward and backward over the accumulation steps; None when a loss is NaN or Inf."""
+    def _iteration(self, it: int) -> float | None:
+        """Forward and backward over the accumulation steps; None when a loss is NaN or Inf.
+
+        A new best is remembered before any parameter steps: with one accumulation step, right
+        after the forward (the backward's hooks step); with several, after the last backward."""
         total = 0.0
         for _ in range(self.accumulate):
-            indices = self._indices()
-            self.generation += 1
-            loss = self.loss_fn(indices)
+            with heap_for_temporaries():
+                loss = self.loss_fn(self._indices())
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar tensor")
             value = float(loss.detach())
@@ -239,9 +180,30 @@ class _Run:
                 return None
             if not loss.requires_grad:
                 raise RuntimeError("loss_fn returned a loss without grad: run the block with grad enabled")
-            (loss / self.accumulate).backward()
             total += value / self.accumulate
+            if self.accumulate == 1:
+                self._note(it, total)
+                if not self.rates:
+                    return total
+            with heap_for_temporaries():
+                (loss / self.accumulate).backward()
+                del loss
+        if self.accumulate > 1:
+            self._note(it, total)
         return total
+
+    def _note(self, it: int, loss: float) -> None:
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_iter = loss, it
+            for st in self.states:
+                st.remember_best()
+
+    def _step_now(self, p: torch.Tensor) -> None:
+        """The SignSGD step of one parameter (post-accumulate-grad hook, or after the accumulation)."""
+        rate = self.rates.get(id(p))
+        if rate is not None and p.grad is not None:
+            _sign_step([p], *rate)
+        p.grad = None
 
 
 @torch.no_grad()

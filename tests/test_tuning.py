@@ -250,3 +250,39 @@ def test_tuning_on_cuda():
     assert res.best_loss < res.first_loss
     assert _full_loss(tuned, x, target) < _full_loss(rtn, x, target)
     assert torch.equal(tuned[0].weight, res.weights["fc1"].dequantize())
+
+
+@pytest.mark.parametrize("sym", (True, False))
+def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch, sym):
+    """The memory-lean layer (fake weight rebuilt in the backward, a few rows at a time) computes
+    the same outputs and gradients as plain autograd through ``fake_quantize`` + ``F.linear``."""
+    import blockquant.tuned_linear as tl
+    from blockquant.quantizers import fake_quantize
+
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 64 * 5)      # 48 rows -> 10 chunks, the last one short
+    scheme = QuantScheme(bits=4, group_size=32, sym=sym)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    layer.weight.data = layer.weight.data.to(torch.bfloat16).float()    # an upcast bf16 checkpoint
+    original = layer.weight.detach().clone()
+    st = tl.TunedLinear(layer, scheme, tune_minmax=True)
+    assert layer.weight.dtype == torch.bfloat16          # stored narrow while tuning (exact)
+    with torch.no_grad():
+        st.v.uniform_(-0.5, 0.5)
+        st.min_scale.uniform_(0.8, 1.0)
+        st.max_scale.uniform_(0.8, 1.0)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    r = torch.randn(2, 3, 48)
+    (tl.QuantLinearFn.apply(x, *st.params(), st) * r).sum().backward()
+
+    ref_params = [p.detach().clone().requires_grad_() for p in st.params()]
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = fake_quantize(original, scheme, *ref_params)
+    y_ref = torch.nn.functional.linear(x_ref, w_ref, layer.bias.detach())
+    (y_ref * r).sum().backward()
+    assert torch.equal(tl.QuantLinearFn.apply(x, *st.params(), st), y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for p, ref in zip(st.params(), ref_params):
+        torch.testing.assert_close(p.grad, ref.grad)
+    st.finish(None)           # abandoned: the layer gets its original weight back, in float32
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, original)
