@@ -155,7 +155,9 @@ def predicted_extra_ram(run: Run) -> tuple[int, int, int]:
     hidden = getattr(text, "hidden_size", None) or 0
     cache = s.nsamples * s.seqlen * hidden * (4 if run.cache_device.type == "cpu" else 0)
     on_cpu = run.device.type == "cpu"
-    extra = largest * ((3 if s.iters else 2) if on_cpu else 1) + cache * (4 if s.iters else 2)
+    # CPU: the block in fp32 while its targets run, then (AutoRound) the block back at 2 bytes per
+    # weight plus ~5 of tuning state and one layer's temporaries - about twice the fp32 block
+    extra = largest * (2 if on_cpu else 1) + cache * (4 if s.iters else 2)
     return extra, largest, cache
 
 
