@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -121,7 +122,9 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
+    """glibc through ctypes, loaded once (heap_for_temporaries switches twice per tuning step)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

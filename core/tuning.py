@@ -116,7 +116,8 @@ class _Run:
         self.generator = torch.Generator().manual_seed(seed)
         self.best_loss: float | None = None
         self.best_iter: int | None = None
-        self.rates: dict[int, tuple[float, float, float]] = {}
+        self.bounds: dict[int, tuple[float, float, float]] = {}   # id(param) -> (lr, low, high)
+        self.factor: float | None = None     # this iteration's lr factor; None: no step
         self._perm: list[int] = []
 
     def _indices(self) -> list[int]:
@@ -133,6 +134,8 @@ class _Run:
         scales = [p for st in self.states for p in (st.min_scale, st.max_scale) if p.requires_grad]
         first = None
         hooks = []
+        self.bounds = {id(p): (lr, -0.5, 0.5) for p in vs}
+        self.bounds.update({id(p): (minmax_lr, 0.0, 1.0) for p in scales})
         try:
             for st in self.states:
                 st.install()
@@ -141,11 +144,8 @@ class _Run:
             with torch.enable_grad():
                 for it in range(iters):
                     self._perm = []          # each iteration draws a fresh permutation
-                    factor = 1.0 - it / iters
-                    self.rates = {}          # the step this iteration takes; none after the last
-                    if it + 1 < iters:       # (its result would never be evaluated)
-                        self.rates.update({id(p): (lr * factor, -0.5, 0.5) for p in vs})
-                        self.rates.update({id(p): (minmax_lr * factor, 0.0, 1.0) for p in scales})
+                    # linear decay; no step after the last iteration (its result would never be evaluated)
+                    self.factor = 1.0 - it / iters if it + 1 < iters else None
                     loss = self._iteration(it)
                     if loss is None:
                         _warn(log, f"non-finite loss at iteration {it}: this block falls back to RTN")
@@ -183,7 +183,7 @@ class _Run:
             total += value / self.accumulate
             if self.accumulate == 1:
                 self._note(it, total)
-                if not self.rates:
+                if self.factor is None:
                     return total
             with heap_for_temporaries():
                 (loss / self.accumulate).backward()
@@ -198,25 +198,14 @@ class _Run:
             for st in self.states:
                 st.remember_best()
 
+    @torch.no_grad()
     def _step_now(self, p: torch.Tensor) -> None:
-        """The SignSGD step of one parameter (post-accumulate-grad hook, or after the accumulation)."""
-        rate = self.rates.get(id(p))
-        if rate is not None and p.grad is not None:
-            _sign_step([p], *rate)
+        """The SignSGD step of one parameter, p <- clamp(p - lr * sign(grad), low, high), then its
+        gradient is dropped (post-accumulate-grad hook, or after the accumulation steps)."""
+        lr, low, high = self.bounds[id(p)]
+        if self.factor is not None and p.grad is not None and lr != 0:
+            p.add_(p.grad.sign(), alpha=-lr * self.factor).clamp_(low, high)
         p.grad = None
-
-
-@torch.no_grad()
-def _sign_step(params: list[torch.Tensor], lr: float, low: float, high: float) -> None:
-    """p <- clamp(p - lr * sign(grad), low, high), in place (params without a grad stay put)."""
-    live = [p for p in params if p.grad is not None]
-    if not live or lr == 0:
-        return
-    grads = [p.grad for p in live]
-    torch._foreach_sign_(grads)
-    torch._foreach_add_(live, grads, alpha=-lr)
-    torch._foreach_clamp_min_(live, low)
-    torch._foreach_clamp_max_(live, high)
 
 
 def _clear_grads(params: list[torch.Tensor]) -> None:
