@@ -62,7 +62,7 @@ def test_tuning_beats_rtn_and_writes_quantized_weights():
     res = _tune(tuned, x, target, iters=60, batch_size=NSAMPLES)
     rtn_res = _tune(rtn, x, target, iters=0)
     assert isinstance(res, TuneResult) and not res.fell_back_to_rtn
-    assert res.iters_run == 60 and res.seconds > 0
+    assert res.iters_run == 60
     # iteration 0 runs the RTN weights on all samples (batch == nsamples)
     rtn_loss = _full_loss(rtn, x, target)
     assert math.isclose(res.first_loss, rtn_loss, rel_tol=1e-5)
