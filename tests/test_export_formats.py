@@ -19,9 +19,9 @@ from blockquant.export.formats import (check_format, layer_layout_from_config, l
                                        quantization_config)
 from blockquant.export.packing import pack, unpack
 from blockquant.export.shards import ShardWriter
-from blockquant.loading import load_quantized
-from blockquant.qlinear import QuantLinear
-from blockquant.quantizers import quantize
+from blockquant.export.loading import load_quantized
+from blockquant.export.qlinear import QuantLinear
+from blockquant.algorithm.quantizers import quantize
 
 OUT, IN = 64, 256
 

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import calibration as cal  # noqa: E402
 from blockquant.adapters.flux.prompts import DEFAULT_PROMPTS, read_prompts  # noqa: E402
-from blockquant.capture import StopForward  # noqa: E402
+from blockquant.run.capture import StopForward  # noqa: E402
 from blockquant.config import RunSettings  # noqa: E402
 from blockquant.errors import DataError, UsageError  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_prompt_source_errors(tmp_path, monkeypatch):
 
 
 def test_plan_cycles_prompts_with_distinct_seeds(example):
-    from blockquant.calibration_data import CalibrationSource
+    from blockquant.data.calibration_data import CalibrationSource
 
     settings = RunSettings(nsamples=5, num_inference_steps=STEPS, seqlen=2048, seed=7)
     batches = cal.calibration_plan(example.model, CalibrationSource(spec=["one", "two"]), settings)

@@ -96,7 +96,7 @@ def test_reloaded_quantized_pipeline_generates_close_to_fp(quantized, folder):
 
 
 def test_cli_quantizes_the_example_pipeline(tmp_path):
-    from blockquant.cli import main
+    from blockquant.frame.cli import main
 
     out = tmp_path / "cli-out"
     rc = main(["--adapter", "flux", "--nsamples", "1", "--num_inference_steps", "2", "--seqlen", "16",

@@ -7,12 +7,13 @@ import os
 import pytest
 import torch
 
-from blockquant import api, plugins
+from blockquant import api
+from blockquant.frame import plugins
 from blockquant.adapters import gemma4
 from blockquant.adapters.gemma4 import processor as gprocessor
 from blockquant.errors import DataError
-from blockquant.image_data import draw_shape
-from blockquant.model_io import ModelSource
+from blockquant.data.image_data import draw_shape
+from blockquant.model.model_io import ModelSource
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_folders_select_the_gemma4_adapter(saved, kind, model_type):
 
 def _calibration(folder, **settings):
     run = api.prepare(folder, "gemma4", api.make_settings(**settings))
-    from blockquant.calibration_data import CalibrationSource
+    from blockquant.data.calibration_data import CalibrationSource
 
     processor = run.loaded.processor
     source = CalibrationSource(tokenizer=getattr(processor, "tokenizer", processor), processor=processor,

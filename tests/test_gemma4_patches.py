@@ -6,7 +6,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from blockquant import plugins
+from blockquant.frame import plugins
 from blockquant.adapters import gemma4
 from blockquant.adapters.gemma4 import patches, versions
 from blockquant.errors import VersionError

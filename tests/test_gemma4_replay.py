@@ -14,7 +14,7 @@ import pytest
 from blockquant import api
 from blockquant.adapters import gemma4
 from blockquant.adapters.gemma4 import replay
-from blockquant.image_data import draw_shape
+from blockquant.data.image_data import draw_shape
 
 TEXT = "model.layers"
 MM_TEXT, VISION = "model.language_model.layers", "model.vision_tower.encoder.layers"

@@ -14,14 +14,17 @@ import types
 import pytest
 import torch
 
-from blockquant import AdapterInfo, api, hookimpl, hookspecs, plugins
-from blockquant.contract import Traits
+from blockquant.run.prepare import pin_traits
+from blockquant import AdapterInfo, api, hookimpl
+from blockquant.frame import hookspecs
+from blockquant.frame import plugins
+from blockquant.frame.contract import Traits
 from blockquant.errors import AdapterError
-from blockquant.model_io import LoadedModel
-from blockquant.testing import get_kit, model_snapshot, snapshot_diff
+from blockquant.model.model_io import LoadedModel
+from blockquant.kit.testing import get_kit, model_snapshot, snapshot_diff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUANT = [sys.executable, "-m", "blockquant.cli"]
+QUANT = [sys.executable, "-m", "blockquant.frame.cli"]
 
 
 def quant(*args, only="generic,wrong_replay"):
@@ -81,7 +84,7 @@ def test_unknown_trait_is_named():
     model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
     run.loaded = LoadedModel(model=model)
     with pytest.raises(AdapterError, match=r"adapter 'typo_trait' returned unknown trait\(s\) block_group"):
-        api._traits(run)
+        pin_traits(run)
     with pytest.raises(AdapterError, match="unknown trait.*max_batch"):
         Traits().updated({"max_batch": 2}, "x")
 

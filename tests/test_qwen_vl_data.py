@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from blockquant import image_data
+from blockquant.data import image_data
 from blockquant.adapters import qwen_vl
 from blockquant.adapters.qwen_vl import calibration
-from blockquant.calibration_data import CalibrationSource
+from blockquant.data.calibration_data import CalibrationSource
 from blockquant.config import RunSettings
 from blockquant.errors import DataError
 

@@ -9,7 +9,7 @@ import torch
 
 from blockquant.adapters import qwen_vl
 from blockquant.adapters.qwen_vl import processor as qprocessor
-from blockquant.image_data import synthetic_images
+from blockquant.data.image_data import synthetic_images
 
 
 def _inputs(processor, n=2, seed=0):

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blockquant
-from blockquant import api, cli
+from blockquant import api
+from blockquant.frame import cli
 from blockquant.adapters import qwen_vl
 from blockquant.adapters.qwen_vl.processor import load_processor
-from blockquant.image_data import synthetic_images
-from blockquant.qlinear import QuantLinear
+from blockquant.data.image_data import synthetic_images
+from blockquant.export.qlinear import QuantLinear
 
 FAST = dict(nsamples=4, batch_size=2, seqlen=64, group_size=32, seed=0)
 PROCESSOR_FILES = {"preprocessor_config.json", "chat_template.json", "tokenizer.json", "tokenizer_config.json",

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from blockquant.config import QuantScheme
-from blockquant.quantizers import quantize
-from blockquant.tuning import TuneResult, tune_block
+from blockquant.algorithm.quantizers import quantize
+from blockquant.algorithm.tuning import TuneResult, tune_block
 
 SCHEME = QuantScheme(bits=4, group_size=32, sym=True)
 NSAMPLES, TOKENS, HIDDEN = 16, 8, 64
@@ -256,8 +256,8 @@ def test_tuning_on_cuda():
 def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch, sym):
     """The memory-lean layer (fake weight rebuilt in the backward, a few rows at a time) computes
     the same outputs and gradients as plain autograd through ``fake_quantize`` + ``F.linear``."""
-    import blockquant.tuned_linear as tl
-    from blockquant.quantizers import fake_quantize
+    import blockquant.algorithm.tuned_linear as tl
+    from blockquant.algorithm.quantizers import fake_quantize
 
     monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 64 * 5)      # 48 rows -> 10 chunks, the last one short
     scheme = QuantScheme(bits=4, group_size=32, sym=sym)

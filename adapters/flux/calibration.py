@@ -24,9 +24,9 @@ import types
 
 import torch
 
-from blockquant.capture import StopForward
+from blockquant.run.capture import StopForward
 from blockquant.errors import DataError, UsageError
-from blockquant.memory import human_bytes
+from blockquant.resources.memory import human_bytes
 
 from .prompts import read_prompts
 

@@ -44,7 +44,7 @@ def adapter_info():
 
 @hookimpl
 def load_model(source, settings):
-    from blockquant.model_io import load_transformers_model
+    from blockquant.model.model_io import load_transformers_model
 
     from .processor import load_processor
 

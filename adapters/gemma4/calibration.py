@@ -29,7 +29,7 @@ def _caption(tokenizer, text: str, budget: int) -> str:
 
 def image_batches(processor, settings) -> list[dict]:
     """``settings.nsamples`` processor outputs of one image + caption each."""
-    from blockquant.image_data import image_text_samples
+    from blockquant.data.image_data import image_text_samples
 
     if not hasattr(processor, "image_processor") or getattr(processor, "image_token", None) is None:
         raise DataError("image calibration needs the model's Gemma 4 processor (preprocessor_config.json and a "

@@ -2,7 +2,7 @@
 
 - ``example_text(layers=4, kv_shared=2)``: ``Gemma4ForCausalLM`` (model_type ``gemma4_text``) with
   sliding and full layers alternating, per-layer inputs (PLE) and ``kv_shared`` KV-shared layers
-  (0: none); the tokenizer is ``blockquant.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
+  (0: none); the tokenizer is ``blockquant.data.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
 - ``example_multimodal()``: ``Gemma4ForConditionalGeneration`` (model_type ``gemma4``) with the same
   text model and a 2-block vision tower; its processor turns an image into at most 70 soft tokens.
 
@@ -44,7 +44,7 @@ def tokenizer(multimodal: bool = False):
     """The tiny byte-level BPE tokenizer; with ``multimodal``, Gemma 4's named image/audio tokens too."""
     from transformers import PreTrainedTokenizerFast
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     base = tiny_tokenizer(512)
     if not multimodal:

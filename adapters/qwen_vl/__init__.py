@@ -47,7 +47,7 @@ def load_model(source, settings):
     from transformers import AutoConfig
 
     from blockquant.errors import ModelFileError
-    from blockquant.model_io import LoadedModel, WeightStore, empty_model, model_class_for
+    from blockquant.model.model_io import LoadedModel, WeightStore, empty_model, model_class_for
 
     from .processor import load_processor
 

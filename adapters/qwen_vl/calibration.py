@@ -18,7 +18,7 @@ import logging
 import os
 
 from blockquant.errors import DataError
-from blockquant.image_data import image_text_samples
+from blockquant.data.image_data import image_text_samples
 
 log = logging.getLogger("blockquant")
 
@@ -43,7 +43,7 @@ def _parquet_has_images(path: str) -> bool:
         import pyarrow.parquet as pq
     except ImportError:
         return False
-    from blockquant.image_data import IMAGE_COLUMNS
+    from blockquant.data.image_data import IMAGE_COLUMNS
 
     return any(name in IMAGE_COLUMNS for name in pq.read_schema(path).names)
 
@@ -103,7 +103,7 @@ def image_text_batches(processor, records, rows: int, max_text_tokens: int) -> l
 
 def calibration_batches(model, source, settings) -> list[dict]:
     """The adapter's calibration data (see the module docstring)."""
-    from blockquant.calibration_data import default_calibration_batches
+    from blockquant.data.calibration_data import default_calibration_batches
 
     spec = image_spec(source)
     processor = getattr(source, "processor", None)

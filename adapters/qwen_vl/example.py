@@ -14,7 +14,7 @@ import os
 import torch
 
 from blockquant import ExampleModel
-from blockquant.image_data import COLORS, SHAPES
+from blockquant.data.image_data import COLORS, SHAPES
 
 from .processor import PROCESSOR_CLASSES, assemble
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from blockquant.errors import DataError
-from blockquant.image_data import image_text_samples
+from blockquant.data.image_data import image_text_samples
 
 log = logging.getLogger("blockquant")
 
@@ -20,7 +20,7 @@ def prompt(processor, caption: str) -> str:
 
 
 def calibration_batches(model, source, settings) -> list[dict]:
-    from blockquant.calibration_data import default_calibration_batches
+    from blockquant.data.calibration_data import default_calibration_batches
 
     if source.spec is not None and not source.images:
         return default_calibration_batches(model, source, settings)
