@@ -2,21 +2,22 @@
 
 ``example_qwen25()`` and ``example_qwen3()`` return a ``blockquant.ExampleModel`` whose ``save(folder)``
 writes a hub-like folder (config.json, generation_config.json, model.safetensors, tokenizer files,
-preprocessor_config.json, chat_template.json) that the adapter's loader reads back.  The Qwen3-VL
+preprocessor_config.json, processor_config.json naming the real processor class, chat_template.jinja) that
+the engine's loader reads back.  The Qwen3-VL
 model has two deepstack layers (visual features added after text layers 0 and 1).
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 
 import torch
 
 from blockquant import ExampleModel
 from blockquant.data.image_data import COLORS, SHAPES
+from blockquant.data.processors import assemble, save_processor_config
 
-from .processor import PROCESSOR_CLASSES, assemble
+PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -122,33 +123,20 @@ def _build(model_class, config, seed: int):
     return model
 
 
-def save_folder(model, processor, folder: str) -> None:
-    """Write ``model`` and its processor's parts as a hub-like folder."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)
-    processor.image_processor.save_pretrained(folder)
-    model_type = model.config.model_type
-    processor_class = PROCESSOR_CLASSES[model_type]
-    path = os.path.join(folder, "preprocessor_config.json")
-    with open(path) as f:
-        pre = json.load(f)
-    pre["processor_class"] = processor_class
-    with open(path, "w") as f:
-        json.dump(pre, f, indent=2)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": processor.chat_template}, f, indent=2)
-
-
 def _example(name: str, model_class_name: str, config_fn, patch_size: int, seed: int) -> ExampleModel:
     import transformers
 
     tokenizer = tiny_tokenizer()
     config = config_fn(tokenizer)
     model = _build(getattr(transformers, model_class_name), config, seed)
-    processor = assemble(config.model_type, tiny_image_processor(patch_size), tokenizer, CHAT_TEMPLATE)
-    return ExampleModel(name=name, model=model, processor=processor,
-                        save=lambda folder: save_folder(model, processor, folder))
+    processor = assemble(PROCESSORS[config.model_type], CHAT_TEMPLATE, image_processor=tiny_image_processor(patch_size),
+                         tokenizer=tokenizer)
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        save_processor_config(processor, folder)
+
+    return ExampleModel(name=name, model=model, processor=processor, save=save)
 
 
 def example_qwen25(seed: int = 0) -> ExampleModel:
