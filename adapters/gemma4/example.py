@@ -25,7 +25,7 @@ SEED = 0
 
 
 def text_config(layers: int = 4, kv_shared: int = 2, vocab_size: int = 512, **overrides):
-    """The tiny text config of MODEL_NOTES (hidden 64, 2 heads, 1 KV head, head_dim 32, full layers 64),
+    """The tiny text config of docs/models/gemma4.md (hidden 64, 2 heads, 1 KV head, head_dim 32, full layers 64),
     with 32-wide per-layer inputs so that every linear layer can be packed at 4 bits."""
     from transformers import Gemma4TextConfig
 
