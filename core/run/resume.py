@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ResourceError, UsageError
 from .report import BlockRecord
+from .store import GroupState
 
 log = logging.getLogger("blockquant")
 PROGRESS = "progress.json"
@@ -74,24 +75,22 @@ class Resume:
     def writer_state(self) -> dict | None:
         return self.saved.get("writer") if self.saved else None
 
-    def restore_group(self, group: int, chain_len: int) -> dict | None:
+    def restore_group(self, group: int, chain_len: int) -> GroupState | None:
         """The loop state to continue ``group`` from, or None to start it fresh."""
         if not self.saved:
             return None
         if group < self.saved["group"]:
-            return {"position": chain_len}
+            return GroupState(chain_len, [], [], [], [])
         if group > self.saved["group"]:
             return None
-        state = torch.load(os.path.join(self.partial, "resume", "streams.pt"), weights_only=False)
-        state["position"] = self.saved["position"]
-        return state
+        streams = torch.load(os.path.join(self.partial, "resume", "streams.pt"), weights_only=False)
+        return GroupState(position=self.saved["position"], **streams)
 
-    def block_done(self, block, group: int, state: dict, writer, result=None) -> None:
+    def block_done(self, block, group: int, state: GroupState, writer, result=None) -> None:
         self.blocks_done += 1
         os.makedirs(os.path.join(self.partial, "resume"), exist_ok=True)
-        keep = {k: v for k, v in state.items() if k != "position"}
-        _atomic_write(os.path.join(self.partial, "resume", "streams.pt"), lambda p: torch.save(keep, p))
-        progress = {"identity": self.identity, "group": group, "position": state["position"],
+        _atomic_write(os.path.join(self.partial, "resume", "streams.pt"), lambda p: torch.save(state.streams(), p))
+        progress = {"identity": self.identity, "group": group, "position": state.position,
                     "last_block": block.ref.name, "blocks_done": self.blocks_done,
                     "writer": writer.state() if writer is not None else None,
                     "result": _result_json(result)}
