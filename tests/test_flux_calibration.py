@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import calibration as cal  # noqa: E402
 from blockquant.adapters.flux.calibration import read_prompts  # noqa: E402
-from blockquant.adapters.flux.prompts import DEFAULT_PROMPTS  # noqa: E402
+from blockquant.adapters.flux.calibration import DEFAULT_PROMPTS  # noqa: E402
 from blockquant.run.capture import StopForward  # noqa: E402
 from blockquant.config import RunSettings  # noqa: E402
 from blockquant.frame.contract import RunContext  # noqa: E402

@@ -1,11 +1,9 @@
 """blockquant adapter for FLUX diffusion transformers (diffusers ``FluxTransformer2DModel`` in a ``FluxPipeline``).
 
-- Blocks: one group chaining the double-stream ``transformer_blocks`` and the single-stream
-  ``single_transformer_blocks``; each returns ``(encoder_hidden_states, hidden_states)``, both feed the next.
-- Loading: a pipeline folder; the transformer is built empty and streams its weights from ``transformer/``,
-  the engine places the other components (text encoders, VAE).  Export goes to ``transformer/`` too.
-- Calibration: the pipeline's denoising loop over prompts, in two trajectory modes (calibration.py).
-- Example: a tiny offline FluxPipeline (example.py).  Model notes: docs/models/flux.md.
+One block group: the double-stream ``transformer_blocks``, then the single-stream ``single_transformer_blocks``
+(both streams feed the next block).  The transformer of a pipeline folder streams from ``transformer/`` and is
+exported there; calibration runs the pipeline's denoising loop (calibration.py); example.py builds a tiny
+offline pipeline.  Model notes: docs/models/flux.md.
 """
 from __future__ import annotations
 
@@ -60,9 +58,7 @@ def load_model(source, settings):
         raise ModelFileError(f"the flux adapter loads diffusers {PIPELINE_CLASS} folders (model_index.json); "
                              f"{source.path} holds {source.pipeline_class or 'no model_index.json'}")
     folder = os.path.join(source.path, TRANSFORMER_FOLDER)
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise ModelFileError(f"{folder}/config.json is missing; the pipeline folder needs its transformer")
-    store = WeightStore(folder, prefix=WEIGHTS_NAME)
+    store = WeightStore(folder, prefix=WEIGHTS_NAME)      # a missing transformer/ fails here, naming the files
     with init_empty_weights(include_buffers=False):
         transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder))
     # fp32 on the CPU (what the engine computes in there), the checkpoint's dtype on an accelerator
@@ -109,7 +105,6 @@ def block_outputs(block, output):
     if type(block).__name__ in BLOCK_CLASSES:
         encoder_hidden_states, hidden_states = output
         return {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states}
-    return None
 
 
 @hookimpl

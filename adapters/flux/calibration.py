@@ -22,14 +22,31 @@ from blockquant.errors import UsageError
 from blockquant.resources.memory import human_bytes
 from blockquant.run.capture import StopForward
 
-from .prompts import DEFAULT_PROMPTS
-
 log = logging.getLogger("blockquant")
 RUN = StashKey[dict]()    # the pipeline run in progress (mode, step, steps): what the stop hook reads
+# The built-in calibration prompts (varied subjects, styles and compositions, written for this project);
+# ``--dataset`` replaces them with the texts of a file (one prompt per line).
+DEFAULT_PROMPTS = (
+    "a red fox standing in fresh snow at dawn, soft golden light", "a bowl of ramen with a soft boiled egg, top view, studio lighting",
+    "an old lighthouse on a rocky coast during a storm, dramatic waves", "a watercolor painting of a quiet canal in a european town",
+    "a close-up portrait of an elderly fisherman with a knitted hat", "a futuristic city skyline at night with neon signs and flying cars",
+    "a child flying a yellow kite on a windy green hill", "a still life of lemons and a glass jug on a wooden table, oil painting",
+    "a snowy mountain range reflected in a calm alpine lake", "a cozy reading nook with a armchair, a lamp and stacks of books",
+    "an astronaut riding a horse across a desert, cinematic", "a macro photo of a dragonfly on a blade of grass with dew drops",
+    "a pencil sketch of a cathedral facade with intricate details", "a busy street market in the rain, umbrellas and lanterns",
+    "a minimalist poster of a sailing boat, flat colors, geometric shapes", "a steaming cup of coffee next to an open notebook, morning light",
+    "a herd of elephants walking across the savanna at sunset", "a medieval knight in shining armor holding a banner",
+    "a bright living room with large windows and indoor plants", "a pixel art scene of a castle on a floating island",
+    "a hummingbird drinking nectar from a purple flower", "a vintage red bicycle leaning against a brick wall",
+    "an underwater coral reef with colorful fish and sun rays", "a bowl of fresh fruit painted in the style of impressionism",
+    "a wooden cabin in a pine forest covered with snow, smoke from the chimney", "a robot chef cooking pancakes in a small kitchen",
+    "a black and white photograph of a jazz musician playing saxophone", "a field of sunflowers under a clear blue sky",
+    "a dragon made of paper origami on a white background", "a night sky full of stars above a desert campsite",
+    "a sign that says 'open late' above a small bakery door", "a tabby cat sleeping on a windowsill in the afternoon sun",
+)
 
 
-def read_prompts(spec) -> list[str]:
-    """The built-in prompts, or the texts ``--dataset`` names (the core's readers), stripped."""
+def read_prompts(spec) -> list[str]:      # --dataset read by the core's text readers
     return list(DEFAULT_PROMPTS) if spec is None else [t.strip() for t in load_texts(spec)]
 
 
@@ -37,8 +54,7 @@ def calibration_plan(ctx, spec=None) -> list[dict]:
     """One batch per pipeline run: a prompt, its noise seed, resolution, steps and trajectory mode."""
     settings, options, pipe = ctx.settings, ctx.options, ctx.pipeline
     prompts = read_prompts(spec)
-    size = pipe.vae.config.get("sample_size", 1024)       # the VAE's resolution (1024 for FLUX.1)
-    size = int(size if isinstance(size, int) else size[0])
+    size = int(pipe.vae.config.get("sample_size", 1024))      # the VAE's resolution (1024 for FLUX.1)
     height, width = options.height or size, options.width or size
     multiple = pipe.vae_scale_factor * 2
     if height % multiple or width % multiple:
@@ -58,36 +74,31 @@ def calibration_plan(ctx, spec=None) -> list[dict]:
 
 
 def predicted_cache_bytes(transformer, pipe, batches: list[dict]) -> dict:
-    """Steps x prompts x tokens x width of the two streams (+ temb per sample) that capture will hold."""
-    b = batches[0]
-    patch = pipe.vae_scale_factor * 2
+    """Prompts x steps samples of both streams' tokens + temb (width each), and the rotary table once."""
+    b, patch = batches[0], pipe.vae_scale_factor * 2
     image_tokens, text_tokens = (b["height"] // patch) * (b["width"] // patch), b["max_sequence_length"]
-    dim, size = transformer.inner_dim, transformer.x_embedder.weight.element_size()
-    samples = len(batches) * b["num_inference_steps"]
-    per_sample = (image_tokens + text_tokens + 1) * dim * size                        # both streams + temb
-    rotary = 2 * (image_tokens + text_tokens) * transformer.config.attention_head_dim * 4   # cos, sin (fp32), once
-    return {"samples": samples, "tokens": image_tokens + text_tokens, "image_tokens": image_tokens,
-            "text_tokens": text_tokens, "bytes": samples * per_sample + rotary}
+    samples, tokens = len(batches) * b["num_inference_steps"], image_tokens + text_tokens
+    per_sample = (tokens + 1) * transformer.inner_dim * transformer.x_embedder.weight.element_size()
+    rotary = 2 * tokens * transformer.config.attention_head_dim * 4           # cos and sin, fp32
+    return {"samples": samples, "tokens": tokens, "image_tokens": image_tokens, "text_tokens": text_tokens,
+            "bytes": samples * per_sample + rotary}
 
 
 def install_stop_hook(ctx, register) -> None:
     """Register, through ``register(module, fn)``, the pre-hook of the second block that ends a step's forward
     while ``run_pipeline`` runs: at the last step (denoise) or at every step (capture_only)."""
-    transformer = ctx.model
-    chain = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    if len(chain) < 2:
-        return
+    chain = list(ctx.model.transformer_blocks) + list(ctx.model.single_transformer_blocks)
 
     def hook(module, args, kwargs):
         run = ctx.stash.get(RUN)
         if run is not None and (run["mode"] == "capture_only" or run["step"] == run["steps"] - 1):
             raise StopForward      # capture_only: caught by run_pipeline's forward, which answers the step
 
-    register(chain[1], hook)
+    for second in chain[1:2]:
+        register(second, hook)
 
 
 def _image_latents(pipe, image, height, width, like: torch.Tensor) -> torch.Tensor:
-    """The packed, scaled VAE latent of a calibration image (x0 of capture_only)."""
     pixels = pipe.image_processor.preprocess(image, height=height, width=width)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean
@@ -96,9 +107,8 @@ def _image_latents(pipe, image, height, width, like: torch.Tensor) -> torch.Tens
 
 
 def run_pipeline(ctx, batch: dict) -> None:
-    """Run one calibration prompt through ``ctx.pipeline`` (the transformer's first block gets captured).
-
-    The transformer's ``forward`` is wrapped for the run only (restoring accelerate's wrapper if any)."""
+    """Run one calibration prompt through ``ctx.pipeline``, the transformer's ``forward`` wrapped for the run
+    only (accelerate's wrapper, if any, restored after it)."""
     pipe, transformer = ctx.pipeline, ctx.model
     weight = transformer.x_embedder.weight
     with torch.no_grad():     # each text encoder on its own device (the placement plan may split them)
@@ -126,10 +136,6 @@ def run_pipeline(ctx, batch: dict) -> None:
         velocity = (run["noise"] - x0).to(hidden.dtype)
         return types.SimpleNamespace(sample=velocity) if kwargs.get("return_dict", True) else (velocity,)
 
-    def step_done(pipeline, step, timestep, callback_kwargs):
-        run["step"] = step + 1
-        return {}
-
     ctx.stash[RUN] = run
     transformer.forward = types.MethodType(forward, transformer)
     try:
@@ -137,10 +143,9 @@ def run_pipeline(ctx, batch: dict) -> None:
              height=batch["height"], width=batch["width"], num_inference_steps=batch["num_inference_steps"],
              guidance_scale=batch["guidance_scale"], max_sequence_length=batch["max_sequence_length"],
              generator=torch.Generator("cpu").manual_seed(batch["seed"]), output_type="latent",
-             callback_on_step_end=step_done)
+             callback_on_step_end=lambda pipeline, step, timestep, tensors: run.update(step=step + 1) or {})
     finally:
+        del transformer.forward
         if own_forward is not None:
             transformer.forward = own_forward
-        else:
-            del transformer.forward
         ctx.stash[RUN] = None

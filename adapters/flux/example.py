@@ -1,7 +1,6 @@
-"""A tiny random FluxPipeline built offline: CLIP and T5 encoders with tokenizers made from the default
-prompts' words, a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX transformer of width 128 (so
-that every linear layer quantizes at the default W4A16 g128).  Deterministic: the same seed gives
-byte-identical saved folders (the tokenizers are written out, not trained, so no trainer tie-breaking)."""
+"""A tiny random FluxPipeline built offline: CLIP and T5 encoders with tokenizers written out from the default
+prompts' words (no trainer, so no tie-breaking), a tiny VAE, the flow-matching scheduler and a 2+2-block FLUX
+transformer of width 128 (every linear layer quantizes at W4A16 g128).  Same seed, byte-identical folders."""
 from __future__ import annotations
 
 import json
@@ -10,7 +9,9 @@ import re
 
 import torch
 
-from .prompts import DEFAULT_PROMPTS
+from blockquant.model.model_io import read_json
+
+from .calibration import DEFAULT_PROMPTS
 
 # Sizes that fit together: transformer in_channels = 4 x VAE latent channels (2x2 packing),
 # joint_attention_dim = T5 width, pooled_projection_dim = CLIP width, sum(axes_dims_rope) = head dim.
@@ -19,8 +20,7 @@ WORDS = sorted({w for p in DEFAULT_PROMPTS for w in re.findall(r"[a-z]+", p.lowe
 
 
 def _tokenizers():
-    """CLIP: byte-level BPE whose merges build every prompt word left to right (one token per word);
-    T5: a Unigram vocabulary of the prompt words (preferred) and their characters."""
+    """CLIP: byte-level BPE merging each prompt word left to right; T5: Unigram over the words and characters."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -28,11 +28,10 @@ def _tokenizers():
     vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet])}
     merges = {}
     for word in WORDS:
-        piece = word[0] if len(word) > 1 else word + "</w>"
-        for i, c in enumerate(word[1:], 2):
-            merges[(piece, c + ("</w>" if i == len(word) else ""))] = None
-            piece += c + ("</w>" if i == len(word) else "")
-            vocab.setdefault(piece, len(vocab))
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for i in range(1, len(pieces)):
+            merges["".join(pieces[:i]), pieces[i]] = None
+            vocab.setdefault("".join(pieces[:i + 1]), len(vocab))
     clip = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=CLIP_MAX_LENGTH)
     chars = sorted({c for p in DEFAULT_PROMPTS for c in p.lower() if not c.isspace()})
     t5 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -78,8 +77,7 @@ def save_pipeline(pipe, folder: str) -> None:
     """Write a folder ``FluxPipeline.from_pretrained`` loads, named like real FLUX folders."""
     pipe.save_pretrained(folder, safe_serialization=True)
     path = os.path.join(folder, "model_index.json")
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_json(path)
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]   # transformers 5 writes T5Tokenizer; hub folders say Fast
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
