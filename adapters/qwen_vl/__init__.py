@@ -61,7 +61,7 @@ def fixed_attrs(model):
 
 @hookimpl
 def pre_cache(model, calibration, ctx):
-    _replay.register_capture_hooks(model, calibration, vision=any("visual" in b.ref.path for g in ctx.groups for b in g[:1]))
+    _replay.register_capture_hooks(model, calibration, vision=ctx.group_enabled("vision"))
 
 
 @hookimpl

@@ -3,26 +3,23 @@
 ``example_qwen25()`` and ``example_qwen3()`` return a ``blockquant.ExampleModel`` whose ``save(folder)``
 writes a hub-like folder (config.json, generation_config.json, model.safetensors, tokenizer files,
 preprocessor_config.json, processor_config.json naming the real processor class, chat_template.jinja) that
-the engine's loader reads back.  The Qwen3-VL
-model has two deepstack layers (visual features added after text layers 0 and 1).
+the engine's loader reads back.  The Qwen3-VL model has two deepstack layers (visual features added
+after text layers 0 and 1).  The tokenizer is a ``Qwen2Tokenizer`` over the core's tiny byte-level BPE.
 """
 from __future__ import annotations
-
-import functools
-import json
 
 import torch
 
 from blockquant import ExampleModel
-from blockquant.data.image_data import COLORS, SHAPES
 from blockquant.data.processors import assemble, save_processor_config
+from blockquant.data.tiny import bpe_vocab_and_merges
 
 PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
+BPE_SIZE = 320            # the core's tiny byte-level BPE (blockquant.data.tiny)
 VOCAB_SIZE = 336          # model vocabulary (the tokenizer has 327 tokens)
-BPE_SIZE = 320            # byte-level base + merges learnt from the corpus below
 
 # A chat template in the Qwen style: images become <|vision_start|><|image_pad|><|vision_end|>.
 CHAT_TEMPLATE = (
@@ -36,33 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus() -> list[str]:
-    words = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in COLORS if b != c]
-    words += ["Describe the image.", "What is in this picture?", "The image shows", "user", "assistant", "system"]
-    return words
-
-
-@functools.lru_cache(maxsize=1)
-def _bpe() -> tuple[dict, list]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    return model["vocab"], [tuple(m) for m in model["merges"]]
-
-
 def tiny_tokenizer():
     """A ``Qwen2Tokenizer`` (byte-level BPE) with the Qwen chat and vision special tokens."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _bpe()
-    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    return tokenizer
+    vocab, merges = bpe_vocab_and_merges(BPE_SIZE)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          additional_special_tokens=list(SPECIAL_TOKENS[1:]))
 
 
 def tiny_image_processor(patch_size: int):

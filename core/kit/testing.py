@@ -1,4 +1,4 @@
-"""The adapter test kit: the invariants of ARCHITECTURE.md as ready pytest tests (pytest11 plugin).
+"""The adapter test kit: the invariants of docs/architecture.md as ready pytest tests (pytest11 plugin).
 
 Use it from any adapter package (installed, so that its entry point is visible)::
 
