@@ -26,15 +26,10 @@ import torch
 from safetensors import safe_open
 
 from ..errors import BlockquantError, ModelFileError
+from ..model.model_io import SAFETENSORS_DTYPES
 
 GiB = 1024 ** 3
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}   # torch dtype -> safetensors name
 # safetensors writes larger dtypes first (every tensor stays aligned), in this order, then by name.
 _RANK = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
          "I8", "U8", "BOOL"]
@@ -84,7 +79,7 @@ class _Lazy:
         self.path, self.name = path, name
         sl = handle.get_slice(name)
         self.shape = torch.Size(sl.get_shape())
-        self.dtype = _NAMES[sl.get_dtype()]
+        self.dtype = SAFETENSORS_DTYPES[sl.get_dtype()]
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()

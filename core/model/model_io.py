@@ -177,6 +177,14 @@ class WeightStore:
         entry = self._entries.get(name)
         return entry[3] - entry[2] if entry else 0
 
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first floating-point tensor (from the headers; fp32 when none)."""
+        for dtype_name, *_ in self._entries.values():
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return torch.float32
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory.
 
@@ -187,7 +195,7 @@ class WeightStore:
             raise ModelFileError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         file = self._files[name]
         dtype_name, shape, start, end = self._entries[name]
-        dtype = _DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
             raise ModelFileError(f"tensor {name} in {file} has dtype {dtype_name}, which blockquant cannot read")
         out = torch.empty(end - start, dtype=torch.uint8)
@@ -208,9 +216,13 @@ class WeightStore:
         """Nothing stays open between reads; kept so callers can release a store uniformly."""
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors dtype names (the one map: export/shards.py writes with its inverse)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
 
 
 def empty_model(model_class, config) -> torch.nn.Module:
