@@ -93,6 +93,7 @@ class RunSettings:
     images: str | None = None         # folder / .jsonl of images for image+text calibration
     num_inference_steps: int = 4      # diffusion calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    allow_unquantized: bool = False   # a run that keeps every layer in full precision warns instead of failing
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -103,6 +104,10 @@ class RunSettings:
                 raise UsageError(f"--{name} must be a positive integer (got {value})")
         if self.iters < 0:
             raise UsageError(f"--iters must be 0 (RTN) or positive (got {self.iters})")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name} must be a positive number (got {value}); omit it for the default 1/iters")
         if self.format not in FORMATS:
             raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
 

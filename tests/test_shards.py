@@ -136,18 +136,47 @@ def test_resume_refuses_missing_files_and_other_settings(tmp_path):
         ShardWriter.resume(str(tmp_path), "model", 5000, state)
 
 
-def test_resume_after_an_interrupted_finish(tmp_path):
+class _Died(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_resume_after_an_interrupted_finish(tmp_path, stop_at):
+    """finish() records each shard through ``saved``; a finish that died after any record resumes to the same files."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     write_all(ref, range(7), 5000)
     writer = ShardWriter(out, max_shard_size=5000)
     for i in range(7):
         writer.add(group(i))
         writer.flush()
-    state = writer.state()
-    writer._merge(0)    # finish got as far as writing the first shard, then the run died
-    resumed = ShardWriter.resume(out, "model", 5000, state)
+    states = [writer.state()]
+
+    def saved(state):
+        states.append(state)
+        if len(states) == stop_at + 1:
+            raise _Died
+
+    with pytest.raises(_Died):
+        writer.finish(saved)
+    resumed = ShardWriter.resume(out, "model", 5000, states[-1])
     resumed.finish()
     assert files_of(out) == files_of(ref)
+
+
+def test_a_flipped_byte_in_a_part_is_refused(tmp_path):
+    writer = ShardWriter(str(tmp_path), max_shard_size=5000)
+    for i in range(3):
+        writer.add(group(i))
+        writer.flush()
+    state = writer.state()
+    part = tmp_path / state["shards"][0]["parts"][0]
+    data = bytearray(part.read_bytes())
+    data[-3] ^= 0x10
+    part.write_bytes(bytes(data))
+    with pytest.raises(BlockquantError, match="is damaged .*--fresh"):
+        ShardWriter.resume(str(tmp_path), "model", 5000, state)
+    with pytest.raises(BlockquantError, match="is damaged"):
+        writer.finish()
 
 
 def test_duplicate_names_are_refused(tmp_path):

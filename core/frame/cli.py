@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output_dir", "-o", help="output folder (default: MODEL-w{bits}g{group}-{format} here)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")
+    q.add_argument("--allow_unquantized", action="store_true",
+                   help="write the model even when no layer can be quantized (default: that is an error)")
     q.add_argument("--max_shard_size", default="2GB", help="largest output shard (e.g. 500MB, 2GB)")
     v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)")
     _run_options(v, verify=True)
@@ -106,7 +108,7 @@ def _settings_kwargs(args) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
             "quant_vision", "num_inference_steps", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
             "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
-            "output_dir", "overwrite", "fresh")
+            "output_dir", "overwrite", "fresh", "allow_unquantized")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):
         out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)
