@@ -66,7 +66,7 @@ class BlockLoop:
             store = ctx.stores[g]
             replayer = Replayer(ctx.pm.hook, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
             n = len(store)
-            state = ctx.resume.restore_group(g, n) if ctx.resume else None
+            state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
                 streams = [dict(s) for s in store.streams]
                 state = {"position": 0, "fp": streams, "quant": streams,
