@@ -22,6 +22,10 @@ class AdapterError(UsageError):
     """An adapter is unknown, broken, ambiguous, or returned something outside the contract."""
 
 
+class HookError(BlockquantError):
+    """An adapter's hook implementation raised an exception of its own (a runtime failure)."""
+
+
 class VersionError(UsageError):
     """An installed library version is outside what the adapter supports."""
 

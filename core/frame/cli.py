@@ -50,8 +50,16 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as two short lines (usage form, then the error), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"usage: quant [quantize|verify|adapters|hooks] [MODEL] [options]  (quant --help lists them)\n"
+                     f"error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quant", description="Block-by-block AutoRound weight quantization.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
