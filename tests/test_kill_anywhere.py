@@ -14,41 +14,15 @@ import json
 import os
 import re
 import signal
-import sys
 
 import pytest
 
-from blockquant.frame import cli
+from forked import run_child
 
 ARGS = ["--adapter", "generic", "--iters", "2", "--nsamples", "2", "--seqlen", "16", "--batch_size", "2",
         "--group_size", "32", "--device", "cpu", "--max_shard_size", "60KB"]
 BLOCKS = 3
 REPORT = "blockquant_report.json"
-
-
-def run_child(argv: list[str], log_path: str, fault: str | None = None) -> int:
-    """``cli.main(argv)`` in a forked child; its exit code, or -SIGNAL when a signal ended it."""
-    pid = os.fork()
-    if pid == 0:   # the child: never returns into pytest
-        code = 70
-        try:
-            sys.stderr = open(log_path, "w", buffering=1)   # pytest's capture is not this process's
-            sys.stdout = open(os.devnull, "w")
-            if fault:
-                os.environ["BLOCKQUANT_FAULT"] = fault
-            import logging
-            logger = logging.getLogger("blockquant")
-            for h in [h for h in logger.handlers if getattr(h, "_blockquant", False)]:
-                logger.removeHandler(h)
-            code = cli.main(argv)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def snapshot(out: str) -> dict[str, bytes]:

@@ -81,7 +81,8 @@ def _headers(folder: str, prefix: str) -> tuple[dict[str, tuple], list[str]]:
 
 def check_complete(folder: str, prefix: str, expected: dict[str, tuple], quantized: list[str], qcfg: dict) -> None:
     """Raise naming what is wrong when the checkpoint in ``folder`` is not the whole model."""
-    found, problems = _headers(folder, prefix)
+    found, file_problems = _headers(folder, prefix)
+    problems: list[str] = []
     want: dict[str, tuple] = {}
     packed = set()
     for name in quantized:
@@ -99,6 +100,7 @@ def check_complete(folder: str, prefix: str, expected: dict[str, tuple], quantiz
     for label, names in (("missing", missing), ("with a wrong shape", wrong), ("not in the model", unknown)):
         if names:
             problems.append(f"{len(names)} tensor(s) {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    problems += file_problems
     if problems:
         raise BlockquantError(f"the finished checkpoint in {folder} is incomplete, so it was not published: "
                               f"{'; '.join(problems[:4])}; re-run with --fresh")
