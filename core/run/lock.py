@@ -49,7 +49,10 @@ class OutputLock:
         path = output_dir.rstrip("/") + ".lock"
         host = socket.gethostname()
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UsageError(f"cannot create the lock file {path} ({e.strerror}); choose another --output_dir") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

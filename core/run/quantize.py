@@ -70,19 +70,20 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
     if not export:
         return _run(run, start, None)
     checkpoint.check_not_inputs(output_dir, _inputs(run))
+    checkpoint.check_output(output_dir, overwrite=True)   # a folder path in a writable place (for the lock)
     with OutputLock.acquire(output_dir):
         run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh)
         if published(run, output_dir):
             log.info("the interrupted run had already published %s", output_dir)
             return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
         checkpoint.check_output(output_dir, s.overwrite)
+        check_disk(run, output_dir, run.resume.partial)
         weights_dir = os.path.join(run.resume.output, run.traits.weights_subfolder)
         if run.resume.writer_state:
             run.writer = ShardWriter.resume(weights_dir, run.traits.weights_name, s.max_shard_size,
                                             run.resume.writer_state)
         else:
             run.writer = ShardWriter(weights_dir, run.traits.weights_name, s.max_shard_size)
-        check_disk(run, output_dir, run.resume.partial)
         return _run(run, start, output_dir)
 
 
