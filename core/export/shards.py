@@ -69,15 +69,20 @@ def write_hashed(path: str, entries: list[tuple[str, object]], metadata: dict | 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path + ".writing"
-    with HashingFile(tmp) as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, tensor in entries:
-            flat = tensor.detach().reshape(-1).contiguous().cpu()
-            if flat.numel():
-                f.write(flat.view(torch.uint8).numpy().data)
-            del flat
-        digest = f.close()
+    try:
+        with HashingFile(tmp) as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, tensor in entries:
+                flat = tensor.detach().reshape(-1).contiguous().cpu()
+                if flat.numel():
+                    f.write(flat.view(torch.uint8).numpy().data)
+                del flat
+            digest = f.close()
+    except BaseException:   # a full disk, an interrupt: no half-written file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
     return 8 + len(raw) + offset, digest
 
