@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-import torch
 
 from . import defaults
 from . import hookspecs
 from .contract import AdapterInfo
-from ..errors import AdapterError, HookError, VersionError
+from ..errors import AdapterError, VersionError
 from .hookspecs import PROJECT
+from .options import check_options_class, describe_options
 
 GROUP = "blockquant.adapters"
 ENV_SELECT = "BLOCKQUANT_ADAPTERS"
@@ -53,6 +53,8 @@ class AdapterEntry:
             "architectures": list(info.architectures) if info else [],
             "pipelines": list(info.pipelines) if info else [],
             "requires": dict(info.requires) if info else {},
+            "options": [dict(zip(("name", "type", "default", "help"), row)) for row in describe_options(info.options)]
+                       if info else [],
             "description": info.description if info else "",
         }
 
@@ -86,6 +88,10 @@ def check_adapter(name: str, module) -> tuple[AdapterInfo, list[str]]:
     info = pm.hook.adapter_info()
     if not isinstance(info, AdapterInfo):
         raise AdapterError(f"adapter '{name}' must implement adapter_info() returning blockquant.AdapterInfo")
+    try:
+        check_options_class(info.options, name)
+    except TypeError as e:
+        raise AdapterError(str(e)) from e
     return info, hooks
 
 
@@ -198,29 +204,10 @@ def run_manager(entry: AdapterEntry) -> pluggy.PluginManager:
     pm = new_manager()
     pm.register(entry.module, name=entry.name)
     pm.check_pending()
-    pm.add_hookcall_monitoring(lambda *a: None, _report_hook_failure)
     if os.environ.get("BLOCKQUANT_TRACE_HOOKS"):
         pm.trace.root.setwriter(lambda msg: os.write(2, msg.encode()))
         pm.enable_tracing()
     return pm
-
-
-def _report_hook_failure(outcome, hook_name: str, hook_impls, kwargs) -> None:
-    """A hook implementation that raised becomes one HookError naming the adapter, the hook and the
-    exception (the original stays chained, for --verbose).  The engine's own exceptions (BlockquantError
-    and the control flow of capture and the block loop), CUDA OOM (the engine falls back to the CPU)
-    and KeyboardInterrupt pass through unchanged."""
-    e = outcome.exception
-    if e is None or isinstance(e, (KeyboardInterrupt, GeneratorExit, torch.cuda.OutOfMemoryError)) \
-            or type(e).__module__.split(".")[0] == "blockquant":
-        return
-    codes = {impl.function.__code__: impl.plugin_name for impl in hook_impls}
-    who = next((codes[frame.f_code] for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__)))
-                if frame.f_code in codes), None)
-    who = who or (hook_impls[-1].plugin_name if hook_impls else "?")
-    who = "the engine's default" if who == "blockquant.frame.defaults" else f"adapter '{who}'"
-    detail = " ".join((traceback.format_exception_only(type(e), e)[-1].strip() or type(e).__name__).split())
-    raise HookError(f"{who} failed in hook {hook_name}: {detail} (--verbose shows the traceback)") from e
 
 
 def hook_table(entries: dict[str, AdapterEntry]) -> list[dict]:

@@ -23,9 +23,9 @@ AUTOROUND_LAYOUT_VERSION = "0.16.1"   # the auto-round release whose layout the 
 
 def qconfig_of(run: Run, loop) -> dict:
     s, traits = run.settings, run.traits
-    block_names = list(traits.export_block_names) or list(dict.fromkeys(p for g in traits.block_groups for p in g))
-    if s.to_quant_block_names:
-        block_names = [p.strip() for g in s.to_quant_block_names.split(",") for p in g.split("+") if p.strip()]
+    block_names = list(dict.fromkeys(b.ref.path for chain in run.groups for b in chain))   # what was quantized
+    if traits.export_block_names and not s.to_quant_block_names:
+        block_names = list(traits.export_block_names)
     extra = {name: {"bits": 16, "data_type": "float"} for name in loop.kept}
     return quantization_config(s.format, s.scheme, iters=s.iters, block_names=block_names, extra_config=extra,
                                version=AUTOROUND_LAYOUT_VERSION)

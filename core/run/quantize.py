@@ -14,6 +14,7 @@ from ..config import RunSettings
 from ..errors import Interrupted, ResourceError
 from ..export import checkpoint
 from ..export.shards import ShardWriter
+from ..frame.options import options_dict
 from ..model.model_io import release
 from ..resources.budget import check_disk, check_memory
 from ..resources.memory import map_large_allocations, reset_peak_vram
@@ -118,8 +119,8 @@ def identity(run: Run) -> dict:
     built, see ``Resume.check_calibration``)."""
     s = run.settings
     model = f"{run.entry.name} example model" if run.tmpdir is not None else os.path.abspath(run.source.path)
-    ident = dict(s.fingerprint(), model=model, model_files=model_signature(run.source.path), adapter=run.entry.name,
-                 adapter_options=s.extra)
+    ident = dict(s.fingerprint(), model=model, model_files=model_signature(run.source.path), adapter=run.entry.name)
+    ident.update({f"option {k}": v for k, v in options_dict(run.ctx.options).items()})
     return json.loads(json.dumps(ident, sort_keys=True, default=str))   # as it reads back from progress.json
 
 
