@@ -107,7 +107,7 @@ def _batches(example, source, settings):
 
 
 def test_calibration_samples_are_chat_prompts_with_one_image_each(example):
-    settings = RunSettings(nsamples=5, batch_size=2, seqlen=64)
+    settings = RunSettings(nsamples=5, batch_size=2, seqlen=128)
     batches = _batches(example, _source(example), settings)
     assert len(batches) == 5 and all(b["input_ids"].shape[0] == 1 for b in batches)   # one sample per record
     tokenizer = example.processor.tokenizer

@@ -1,19 +1,9 @@
-"""blockquant adapter for Gemma 4: ``Gemma4ForCausalLM`` (model_type ``gemma4_text``) and
-``Gemma4ForConditionalGeneration`` (model_type ``gemma4``).
+"""blockquant adapter for Gemma 4 (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``); the model
+facts it relies on are in docs/models/gemma4.md.
 
-- Blocks: the text decoder layers; the vision tower's encoder layers are the optional group
-  ``vision`` (``--include_groups vision`` / ``--quant_vision``).  The audio tower (when present) always
-  stays in full precision: there is no audio calibration data.
-- Versions: the shared-KV layout of the installed transformers is probed (versions.py) and picks the
-  replay strategy; a layout the adapter does not know is refused, naming what was seen.
-- Replay: only block 0's inputs are captured; each block's per-layer input, rotary embeddings and
-  mask of its layer type, and the shared KV state of KV-shared layers are rebuilt (replay.py).
-  ``--variable_inputs cache`` keeps the engine's per-block caching instead (shared KV still rebuilt).
-- Patch: shared KV state passed by reference through accelerate dispatch hooks (patches.py).
-- Calibration: the engine's - text for the text model, image + text through the processor for the
-  multimodal one.
-- Examples: ``example_model()`` is the tiny text model; ``example_multimodal()`` the tiny
-  multimodal one; ``example_text(layers, kv_shared)`` other text sizes (example.py).
+Text blocks are quantized; the vision tower is the optional group ``vision``; an audio tower stays in
+full precision.  Replay rebuilds each block's per-layer input, rope and mask of its layer type, and the
+shared KV state (replay.py), in the layout the installed transformers uses (versions.py).
 """
 from __future__ import annotations
 

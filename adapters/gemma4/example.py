@@ -1,14 +1,6 @@
-"""Tiny, randomly initialised Gemma 4 models built offline (no downloads).
-
-- ``example_text(layers=4, kv_shared=2)``: ``Gemma4ForCausalLM`` (model_type ``gemma4_text``) with
-  sliding and full layers alternating, per-layer inputs (PLE) and ``kv_shared`` KV-shared layers
-  (0: none); the tokenizer is ``blockquant.data.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
-- ``example_multimodal()``: ``Gemma4ForConditionalGeneration`` (model_type ``gemma4``) with the same
-  text model and a 2-block vision tower; its processor turns an image into at most 70 soft tokens.
-
-``save(folder)`` writes what a hub folder holds: config.json, generation_config.json,
-model.safetensors, the tokenizer files and (multimodal) the image processor's preprocessor_config.json
-with a processor_config.json naming ``Gemma4Processor``.
+"""Tiny random Gemma 4 models built offline: ``example_text(layers, kv_shared)`` (``Gemma4ForCausalLM``:
+sliding and full layers, per-layer inputs, KV-shared layers) and ``example_multimodal()`` (plus a 2-block
+vision tower and its processor).  ``save(folder)`` writes a hub-like folder.
 """
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Where things are inside Gemma 4 models, and what the adapter remembers about a loaded model.
-
-``Gemma4ForCausalLM``: text blocks at ``model.layers``, text model ``model``.
-``Gemma4ForConditionalGeneration``: text blocks at ``model.language_model.layers``, vision blocks
-at ``model.vision_tower.encoder.layers``, audio blocks (when configured) at ``model.audio_tower.layers``.
-
-"""
+"""Where things are inside Gemma 4 models: the text model at ``model.language_model`` (multimodal) or
+``model`` (text only), vision blocks at ``model.vision_tower.encoder.layers``."""
 from __future__ import annotations
 
 import torch
@@ -14,12 +9,10 @@ VISION_BLOCKS = "model.vision_tower.encoder.layers"
 
 
 def _get(root: torch.nn.Module, path: str):
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def text_model_path(model: torch.nn.Module) -> str:

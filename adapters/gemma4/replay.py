@@ -1,22 +1,9 @@
-"""Rebuilding the inputs that differ from one Gemma 4 text block to the next.
+"""Rebuilding the inputs that differ from one Gemma 4 text block to the next (docs/models/gemma4.md).
 
-The text model's own loop gives layer ``i``:
-
-- ``per_layer_input``: slice ``i`` of the per-layer embeddings (PLE), computed from the token ids
-  (``embed_tokens_per_layer``) and the input embeddings (``per_layer_model_projection``);
-- ``position_embeddings`` and ``attention_mask`` of its layer type (sliding layers: default rope and
-  a sliding-window mask; full layers: proportional rope with ``global_head_dim`` and a causal mask);
-- ``shared_kv_states``: the keys/values stored by the last non-shared layer of each type, read by
-  the KV-shared layers.
-
-Only block 0's inputs are captured.  At capture, ``register_capture_hooks`` records per sample
-what the rebuild needs that the block-0 kwargs lack: the ids fed to the per-layer embedding, the
-2D attention mask and ``mm_token_type_ids``, all O(sequence length).  At replay ``rebuild`` derives
-the block's inputs from those, block 0's ``hidden_states`` (= the input embeddings) and
-``position_ids``, with the model's own rotary module and mask function.  Shared KV state lives in
-the replay stream's ``state``: ``commit_shared_kv`` copies what a storing layer wrote (after the
-block ran), ``rebuild`` hands it to the layers that read it.  The capture store is therefore
-O(samples), whatever the number of layers.
+Only block 0's inputs are captured, plus per sample what the rebuild needs that they lack (the ids fed to
+the per-layer embedding, the 2D attention mask, ``mm_token_type_ids``).  ``rebuild`` derives each block's
+per-layer input, rotary embeddings and mask of its layer type with the model's own modules; shared KV
+state lives in the replay stream's ``state`` (``commit_shared_kv`` after a storing layer ran).
 """
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
-"""Which shared-KV layout the installed transformers uses, found by running it.
+"""Which shared-KV layout the installed transformers uses, found by running it (docs/models/gemma4.md).
 
-Gemma 4's KV-shared layers (the last ``num_kv_shared_layers``) have no key/value projections: they
-read what the last non-shared layer of their type stored in ``shared_kv_states`` during the same
-forward.  Replay must rebuild that state, so the adapter must know its layout.  Releases differ:
-
-- 5.5.0-5.5.3: no ``shared_kv_states`` argument; shared layers read K/V from the cache only, so the
-  output depends on ``use_cache``.  Block-by-block replay cannot reproduce it: refused.
-- 5.5.4-5.6.x: a plain ``dict`` keyed by the storing layer's INDEX (``BY_INDEX``).
-- 5.12 and 5.17: a plain ``dict`` keyed by LAYER TYPE (``BY_TYPE_DICT``).
-- 5.23 and later: a ``KVSharingDict`` keyed by layer type (``BY_TYPE``).
-
-``probe()`` runs a tiny Gemma 4 text model once per process and records what the first layer is
-handed and what the storing layers write; ``kv_strategy()`` maps that to a layout.  A layout not in
-the list is refused, naming what was seen.  A release newer than ``NEWEST_TESTED`` with a known layout
-runs, with a warning.
+``probe()`` runs a tiny Gemma 4 text model once per process and records the container the layers
+receive and the keys the storing layer writes; ``kv_strategy()`` maps that to a known layout.  An unknown
+layout (or none: 5.5.0-5.5.3) is refused, naming what was seen; a release newer than ``NEWEST_TESTED``
+with a known layout runs with a warning.
 """
 from __future__ import annotations
 

@@ -98,9 +98,14 @@ def image_text_batches(processor, records: list[ImageText], seqlen: int,
     batches = []
     for record in records:
         empty = processor(text=[prompt(processor, "")], images=[record.image], return_tensors="pt")
-        budget = seqlen - empty["input_ids"].shape[-1] - 1
-        text = prompt(processor, _cut(processor.tokenizer, record.text, budget))
-        batch = dict(processor(text=[text], images=[record.image], return_tensors="pt"))
+        budget = seqlen - empty["input_ids"].shape[-1]
+        while True:   # a cut caption may tokenize differently inside the prompt: shrink until it fits
+            text = prompt(processor, _cut(processor.tokenizer, record.text, budget))
+            batch = dict(processor(text=[text], images=[record.image], return_tensors="pt"))
+            over = batch["input_ids"].shape[-1] - seqlen
+            if over <= 0 or budget <= 0:
+                break
+            budget -= over
         for key in DROP_KEYS:
             batch.pop(key, None)
         batch["use_cache"] = False
