@@ -19,6 +19,7 @@ from ..model.blocks import resolve_groups
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from ..model.streaming import BlockLoader
 from ..resources import components, devices
+from .checks import check_seqlen
 from .context import Run
 
 log = logging.getLogger("blockquant")
@@ -49,6 +50,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         check_format(settings.format, settings.scheme)
     run.hooks.patch_model(model=run.model)
     run.ctx.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names, settings.include_groups)
+    check_seqlen(run.model, settings.seqlen)
     run.device = devices.select_device(settings.device)
     run.cache_device = devices.select_device(settings.cache_device) if settings.cache_device else run.device
     run.model_dtype = _model_dtype(run.model)
