@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import calibration as cal  # noqa: E402
 from blockquant.adapters.flux.calibration import read_prompts  # noqa: E402
-from blockquant.adapters.flux.calibration import DEFAULT_PROMPTS  # noqa: E402
+from blockquant.data.corpus import image_prompts  # noqa: E402
 from blockquant.run.capture import StopForward  # noqa: E402
 from blockquant.config import RunSettings  # noqa: E402
 from blockquant.frame.contract import RunContext  # noqa: E402
@@ -34,7 +34,7 @@ def _ctx(example, options, **settings):
 
 
 def test_prompt_sources(tmp_path):
-    assert read_prompts(None) == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) >= 32
+    assert read_prompts(None) == image_prompts() and len(image_prompts()) >= 32
     assert read_prompts(["a cat ", "", "a dog"]) == ["a cat", "a dog"]
     txt = tmp_path / "p.txt"
     txt.write_text("first prompt\n\nsecond prompt\n")

@@ -17,6 +17,7 @@ import torch
 
 from blockquant import StashKey
 from blockquant.data.calibration_data import load_texts
+from blockquant.data.corpus import image_prompts
 from blockquant.data.image_data import load_image_folder
 from blockquant.errors import UsageError
 from blockquant.resources.memory import human_bytes
@@ -24,30 +25,11 @@ from blockquant.run.capture import StopForward
 
 log = logging.getLogger("blockquant")
 RUN = StashKey[dict]()    # the pipeline run in progress (mode, step, steps): what the stop hook reads
-# The built-in calibration prompts (varied subjects, styles and compositions, written for this project);
-# ``--dataset`` replaces them with the texts of a file (one prompt per line).
-DEFAULT_PROMPTS = (
-    "a red fox standing in fresh snow at dawn, soft golden light", "a bowl of ramen with a soft boiled egg, top view, studio lighting",
-    "an old lighthouse on a rocky coast during a storm, dramatic waves", "a watercolor painting of a quiet canal in a european town",
-    "a close-up portrait of an elderly fisherman with a knitted hat", "a futuristic city skyline at night with neon signs and flying cars",
-    "a child flying a yellow kite on a windy green hill", "a still life of lemons and a glass jug on a wooden table, oil painting",
-    "a snowy mountain range reflected in a calm alpine lake", "a cozy reading nook with a armchair, a lamp and stacks of books",
-    "an astronaut riding a horse across a desert, cinematic", "a macro photo of a dragonfly on a blade of grass with dew drops",
-    "a pencil sketch of a cathedral facade with intricate details", "a busy street market in the rain, umbrellas and lanterns",
-    "a minimalist poster of a sailing boat, flat colors, geometric shapes", "a steaming cup of coffee next to an open notebook, morning light",
-    "a herd of elephants walking across the savanna at sunset", "a medieval knight in shining armor holding a banner",
-    "a bright living room with large windows and indoor plants", "a pixel art scene of a castle on a floating island",
-    "a hummingbird drinking nectar from a purple flower", "a vintage red bicycle leaning against a brick wall",
-    "an underwater coral reef with colorful fish and sun rays", "a bowl of fresh fruit painted in the style of impressionism",
-    "a wooden cabin in a pine forest covered with snow, smoke from the chimney", "a robot chef cooking pancakes in a small kitchen",
-    "a black and white photograph of a jazz musician playing saxophone", "a field of sunflowers under a clear blue sky",
-    "a dragon made of paper origami on a white background", "a night sky full of stars above a desert campsite",
-    "a sign that says 'open late' above a small bakery door", "a tabby cat sleeping on a windowsill in the afternoon sun",
-)
 
 
-def read_prompts(spec) -> list[str]:      # --dataset read by the core's text readers
-    return list(DEFAULT_PROMPTS) if spec is None else [t.strip() for t in load_texts(spec)]
+def read_prompts(spec) -> list[str]:
+    """``--dataset`` read by the core's text readers; without it, the core's text-to-image prompts."""
+    return image_prompts() if spec is None else [t.strip() for t in load_texts(spec)]
 
 
 def calibration_plan(ctx, spec=None) -> list[dict]:

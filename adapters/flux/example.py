@@ -9,14 +9,13 @@ import re
 
 import torch
 
+from blockquant.data.corpus import image_prompts
 from blockquant.model.model_io import read_json
-
-from .calibration import DEFAULT_PROMPTS
 
 # Sizes that fit together: transformer in_channels = 4 x VAE latent channels (2x2 packing),
 # joint_attention_dim = T5 width, pooled_projection_dim = CLIP width, sum(axes_dims_rope) = head dim.
 TEXT_DIM, LATENT_CHANNELS, IMAGE_SIZE, CLIP_MAX_LENGTH = 32, 16, 64, 77
-WORDS = sorted({w for p in DEFAULT_PROMPTS for w in re.findall(r"[a-z]+", p.lower())})
+WORDS = sorted({w for p in image_prompts() for w in re.findall(r"[a-z]+", p.lower())})
 
 
 def _tokenizers():
@@ -33,7 +32,7 @@ def _tokenizers():
             merges["".join(pieces[:i]), pieces[i]] = None
             vocab.setdefault("".join(pieces[:i + 1]), len(vocab))
     clip = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=CLIP_MAX_LENGTH)
-    chars = sorted({c for p in DEFAULT_PROMPTS for c in p.lower() if not c.isspace()})
+    chars = sorted({c for p in image_prompts() for c in p.lower() if not c.isspace()})
     t5 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
                      + [("\u2581" + w, -1.0) for w in WORDS] + [(c, -10.0) for c in chars], extra_ids=0)
     return clip, t5
