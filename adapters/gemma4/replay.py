@@ -7,7 +7,6 @@ state lives in the replay stream's ``state`` (``commit_shared_kv`` after a stori
 """
 from __future__ import annotations
 
-import inspect
 from types import MappingProxyType
 
 import torch
@@ -36,26 +35,19 @@ def register_capture_hooks(model: torch.nn.Module, calibration) -> None:
     """
     inner = text_model(model)
     seen: dict = {}
-    signature = inspect.signature(model.forward)
-
-    def top_pre(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        seen.clear()
-        seen["attention_mask"] = bound.get("attention_mask")
-        seen["mm_token_type_ids"] = bound.get("mm_token_type_ids")
 
     def ple_pre(module, args, kwargs):
         seen["ple_ids"] = args[0] if args else kwargs.get("input")
 
     def rope_pre(module, args, kwargs):
-        mask = seen.get("attention_mask")
+        batch = calibration.batch if isinstance(calibration.batch, dict) else {}
+        mask = batch.get("attention_mask")
         calibration.record(EXTRAS_KEY, {
             "ple_ids": seen.get("ple_ids"),
             "attention_mask": mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-            "mm_token_type_ids": seen.get("mm_token_type_ids"),
+            "mm_token_type_ids": batch.get("mm_token_type_ids"),
         })
 
-    calibration.hook(model, top_pre, pre=True, with_kwargs=True)
     if getattr(inner, "embed_tokens_per_layer", None) is not None:
         calibration.hook(inner.embed_tokens_per_layer, ple_pre, pre=True, with_kwargs=True)
     calibration.hook(inner.rotary_emb, rope_pre, pre=True, with_kwargs=True)
