@@ -115,7 +115,8 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
     if settings.format != "fake":
         from .export.formats import check_format
 
-        check_format(settings.format, settings.scheme)
+        for fmt in settings.formats:
+            check_format(fmt, settings.scheme)
     run.pm.hook.patch_model(model=run.model)
     run.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names)
     run.device = devices.select_device(settings.device)

@@ -15,13 +15,13 @@ from .api import Run, capture_inputs, prepare, signals_caught
 from .config import RunSettings
 from .errors import Interrupted, ResourceError
 from .export import checkpoint
+from .export.outputs import Outputs
 from .memory import map_large_allocations, reset_peak_vram
 from .pipeline import Abandon, BlockLoop
 from .report import Progress, RunReport
 from .resume import Resume
 
 log = logging.getLogger("blockquant")
-AUTOROUND_LAYOUT_VERSION = "0.16.1"   # the auto-round release whose layout the auto_round format matches
 
 
 @dataclass
@@ -40,7 +40,8 @@ def default_output_dir(run: Run) -> str:
     s = run.settings.scheme
     base = os.path.basename(os.path.normpath(run.source.path))
     base = re.sub(r"^blockquant-\w+-example-\w+$", run.entry.name, base)
-    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{run.settings.format}")
+    fmt = run.settings.format.replace(":", "-").replace(",", "+")
+    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{fmt}")
 
 
 def run_quantization(model: str | None, adapter: str | None, settings: RunSettings) -> QuantizeResult:
@@ -59,20 +60,13 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
     s = run.settings
     export = s.format != "fake"
     output_dir = os.path.abspath(s.output_dir) if s.output_dir else (default_output_dir(run) if export else None)
-    traits = run.traits
     total_blocks = sum(len(chain) for chain in run.groups)
     if export:
         checkpoint.check_output(output_dir, s.overwrite)
         partial = output_dir.rstrip("/") + ".partial"
         identity = dict(s.fingerprint(), model=os.path.abspath(run.source.path), adapter=run.entry.name)
         run.resume = Resume.open(partial, identity, s.fresh)
-        from .export.shards import ShardWriter
-
-        weights_dir = os.path.join(partial, traits.weights_subfolder)
-        if run.resume.writer_state:
-            run.writer = ShardWriter.resume(weights_dir, traits.weights_name, s.max_shard_size, run.resume.writer_state)
-        else:
-            run.writer = ShardWriter(weights_dir, traits.weights_name, s.max_shard_size)
+        run.writer = Outputs(run, partial, run.resume.writer_state)
         check_disk(run, output_dir, partial)
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
@@ -203,22 +197,8 @@ def _scheme_label(s: RunSettings) -> str:
 
 
 def _finish(run: Run, loop, partial: str, output_dir: str, report: RunReport) -> None:
-    from .export.formats import quantization_config
-
-    s, traits = run.settings, run.traits
-    block_prefixes = [b.ref.name for chain in run.groups for b in chain]
     try:
-        run.writer.add(checkpoint.outside_tensors(run.model, block_prefixes, run.loaded.weights))
-        run.writer.finish()
-        component = os.path.join(run.source.path, traits.weights_subfolder)
-        block_names = list(traits.export_block_names) or list(dict.fromkeys(p for g in traits.block_groups for p in g))
-        if s.to_quant_block_names:
-            block_names = [p.strip() for g in s.to_quant_block_names.split(",") for p in g.split("+") if p.strip()]
-        extra = {name: {"bits": 16, "data_type": "float"} for name in loop.kept}
-        qconfig = quantization_config(s.format, s.scheme, iters=s.iters, block_names=block_names,
-                                      extra_config=extra, version=AUTOROUND_LAYOUT_VERSION)
-        checkpoint.copy_source_files(run.source.path, partial, traits.weights_subfolder, traits.weights_name)
-        checkpoint.write_configs(os.path.join(component, "config.json"), os.path.join(partial, traits.weights_subfolder), qconfig)
+        run.writer.finish(run, loop)
         run.resume.clear()
         with open(os.path.join(partial, "blockquant_report.json"), "w") as f:
             json.dump(report.to_json(), f, indent=1, default=str)

@@ -16,9 +16,11 @@ import torch
 
 from ..config import QuantScheme
 from ..errors import BlockquantError, ModelFileError, UsageError
+from . import compressed
 from .packing import SUPPORTED_BITS, pack
 
 PACKED_FORMATS = ("auto_round", "auto_gptq")
+SAFETENSORS_FORMATS = PACKED_FORMATS + (compressed.FORMAT,)
 GPTQ_DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
@@ -61,8 +63,8 @@ def check_format(fmt: str, scheme: QuantScheme) -> None:
     """Refuse, before any work, a scheme that format ``fmt`` cannot hold."""
     if fmt == "fake":
         return
-    if fmt not in PACKED_FORMATS:
-        raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(PACKED_FORMATS)} or fake")
+    if fmt not in SAFETENSORS_FORMATS:
+        raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(SAFETENSORS_FORMATS)}, gguf:TYPE or fake")
     if scheme.data_type != "int":
         raise UsageError(f"--format {fmt} holds integer weights only (data_type int), not {scheme.data_type}")
     if scheme.bits not in SUPPORTED_BITS:
@@ -86,6 +88,8 @@ def layer_tensors(name: str, qw, bias: torch.Tensor | None, fmt: str, *,
                   packing_sym: bool | None = None) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one quantized linear layer ``name`` from a ``QuantizedWeight``
     (``packing_sym``: the model-wide ``sym`` when this layer's differs, see :func:`layout`)."""
+    if fmt == compressed.FORMAT:
+        return compressed.layer_tensors(name, qw, bias)
     lay = layout(fmt, qw.scheme, packing_sym)
     q = qw.qweight
     out_features, in_features = q.shape
@@ -132,15 +136,18 @@ def gptq_dynamic(extra_config: dict[str, dict]) -> dict[str, dict]:
 
 
 def quantization_config(fmt: str, scheme: QuantScheme, *, iters: int, block_names: list[str],
-                        extra_config: dict[str, dict], version: str) -> dict:
+                        extra_config: dict[str, dict], version: str, ignore: list[str] = ()) -> dict:
     """The ``quantization_config`` object of config.json for ``fmt``.
 
     ``version`` is written as ``autoround_version`` (auto_round; auto-round reads it as the layout
     version, so pass the auto-round release whose layout is written, "0.16.1"); auto_gptq ignores it.
     ``extra_config`` maps layer names to their differences from ``scheme`` (``{"bits": 16}``: kept in
-    full precision inside a quantized block).
+    full precision inside a quantized block).  ``ignore``: the Linear layers left in full precision
+    (compressed-tensors lists them all, the others use ``extra_config``).
     """
     check_format(fmt, scheme)
+    if fmt == compressed.FORMAT:
+        return compressed.quantization_config(scheme, list(ignore))
     if fmt == "auto_round":
         cfg = {
             "quant_method": "auto-round",

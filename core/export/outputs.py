@@ -1,0 +1,115 @@
+"""The run's outputs: one per ``--format`` entry, all fed by the same block loop.
+
+With one format the output folder is the checkpoint (``OUT/config.json``, ...).  With several
+(``--format auto_round,gguf:q4_0``) each format gets its own sub-folder, ``OUT/auto_round``,
+``OUT/gguf-q4_0`` (``:`` becomes ``-``), written from one tuning pass.  Everything is built inside
+``OUT.partial`` and published with one rename, so a reader never sees a half-written format.
+
+Each output takes a finished block's quantized weights (``add_block``), records a resumable
+``state()`` after every block, and writes what lies outside the blocks in ``finish``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checkpoint
+from .formats import layer_tensors, quantization_config
+from .gguf_output import GgufOutput
+from .shards import ShardWriter
+
+AUTOROUND_LAYOUT_VERSION = "0.16.1"   # the auto-round release whose layout the auto_round format matches
+
+
+def folder_name(fmt: str) -> str:
+    """The sub-folder of format ``fmt`` when a run writes several."""
+    return fmt.replace(":", "-")
+
+
+def block_tensors(block, dtypes: dict[str, torch.dtype], quantized: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a finished block: packed layers + everything else in its source dtype."""
+    out: dict[str, torch.Tensor] = {}
+    skip = set()
+    prefix = block.ref.name
+    for name, qw in quantized.items():
+        local = name[len(prefix) + 1:]
+        layer = block.module.get_submodule(local)
+        bias = layer.bias.detach().cpu() if layer.bias is not None else None
+        out.update(layer_tensors(name, qw, bias, fmt))
+        skip.update({f"{local}.weight", f"{local}.bias"})
+    for local, tensor in block.module.state_dict().items():
+        if local in skip:
+            continue
+        out[f"{prefix}.{local}"] = tensor.detach().to("cpu", dtypes.get(local, tensor.dtype)).contiguous()
+    return out
+
+
+def export_block_names(run) -> list[str]:
+    """The block lists written as ``block_name_to_quantize``."""
+    s, traits = run.settings, run.traits
+    if s.to_quant_block_names:
+        return [p.strip() for g in s.to_quant_block_names.split(",") for p in g.split("+") if p.strip()]
+    return list(traits.export_block_names) or list(dict.fromkeys(p for g in traits.block_groups for p in g))
+
+
+class SafetensorsOutput:
+    """An auto_round, auto_gptq or compressed-tensors checkpoint folder (safetensors shards + configs)."""
+
+    def __init__(self, fmt: str, folder: str, run, state: dict | None):
+        self.fmt, self.folder = fmt, folder
+        traits, size = run.traits, run.settings.max_shard_size
+        weights_dir = os.path.join(folder, traits.weights_subfolder)
+        self.writer = ShardWriter.resume(weights_dir, traits.weights_name, size, state) if state else \
+            ShardWriter(weights_dir, traits.weights_name, size)
+
+    def add_block(self, block, dtypes: dict, quantized: dict) -> None:
+        self.writer.add(block_tensors(block, dtypes, quantized, self.fmt))
+        self.writer.flush()
+
+    def state(self) -> dict:
+        return self.writer.state()
+
+    def finish(self, run, loop) -> None:
+        s, traits = run.settings, run.traits
+        block_prefixes = [b.ref.name for chain in run.groups for b in chain]
+        self.writer.add(checkpoint.outside_tensors(run.model, block_prefixes, run.loaded.weights))
+        self.writer.finish()
+        component = os.path.join(run.source.path, traits.weights_subfolder)
+        extra = {name: {"bits": 16, "data_type": "float"} for name in loop.kept}
+        quantized = set(loop.quantized)
+        ignore = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+        qconfig = quantization_config(self.fmt, s.scheme, iters=s.iters, block_names=export_block_names(run),
+                                      extra_config=extra, version=AUTOROUND_LAYOUT_VERSION, ignore=ignore)
+        checkpoint.copy_source_files(run.source.path, self.folder, traits.weights_subfolder, traits.weights_name)
+        checkpoint.write_configs(os.path.join(component, "config.json"),
+                                 os.path.join(self.folder, traits.weights_subfolder), qconfig)
+
+
+def _make(fmt: str, folder: str, run, state: dict | None):
+    if fmt.startswith("gguf:"):
+        return GgufOutput(fmt, folder, run, state)
+    return SafetensorsOutput(fmt, folder, run, state)
+
+
+class Outputs:
+    """Every output of a run, inside ``partial`` (see the module docstring)."""
+
+    def __init__(self, run, partial: str, state: dict | None = None):
+        formats = run.settings.formats
+        state = state or {}
+        self.items = []
+        for fmt in formats:
+            folder = partial if len(formats) == 1 else os.path.join(partial, folder_name(fmt))
+            self.items.append(_make(fmt, folder, run, state.get(fmt)))
+
+    def add_block(self, block, dtypes: dict, quantized: dict) -> None:
+        for item in self.items:
+            item.add_block(block, dtypes, quantized)
+
+    def state(self) -> dict:
+        return {item.fmt: item.state() for item in self.items}
+
+    def finish(self, run, loop) -> None:
+        for item in self.items:
+            item.finish(run, loop)
