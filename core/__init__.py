@@ -1,6 +1,6 @@
 """blockquant: block-by-block AutoRound quantization of large transformers, with adapter plugins."""
 from .hookspecs import hookimpl
-from .contract import AdapterInfo, BlockRef, ExampleModel, SampleInputs, Traits
+from .contract import AdapterInfo, BlockRef, ExampleModel, GgufLayout, SampleInputs, Traits
 from .config import QuantScheme, RunSettings
 from .errors import BlockquantError, UsageError
 
@@ -15,6 +15,6 @@ def load_quantized(path, **kwargs):
 
 
 __all__ = [
-    "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "SampleInputs", "Traits", "QuantScheme",
+    "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "GgufLayout", "SampleInputs", "Traits", "QuantScheme",
     "RunSettings", "BlockquantError", "UsageError", "load_quantized", "__version__",
 ]

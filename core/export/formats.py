@@ -16,7 +16,7 @@ import torch
 
 from ..config import QuantScheme
 from ..errors import BlockquantError, ModelFileError, UsageError
-from . import compressed
+from . import compressed, gguf_quants
 from .packing import SUPPORTED_BITS, pack
 
 PACKED_FORMATS = ("auto_round", "auto_gptq")
@@ -62,6 +62,9 @@ def layout(fmt: str, scheme: QuantScheme, packing_sym: bool | None = None) -> La
 def check_format(fmt: str, scheme: QuantScheme) -> None:
     """Refuse, before any work, a scheme that format ``fmt`` cannot hold."""
     if fmt == "fake":
+        return
+    if fmt.startswith("gguf:") and fmt[5:] in gguf_quants.REQUIREMENTS:
+        gguf_quants.check_scheme(fmt[5:], scheme)
         return
     if fmt not in SAFETENSORS_FORMATS:
         raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(SAFETENSORS_FORMATS)}, gguf:TYPE or fake")
