@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 
 from .api import Run, capture_inputs, prepare, signals_caught
 from .config import RunSettings
-from .errors import Interrupted, ResourceError
+from .errors import Interrupted, ResourceError, UsageError
 from .export import checkpoint
 from .export.outputs import Outputs
 from .memory import map_large_allocations, reset_peak_vram
@@ -66,7 +67,12 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         partial = output_dir.rstrip("/") + ".partial"
         identity = dict(s.fingerprint(), model=os.path.abspath(run.source.path), adapter=run.entry.name)
         run.resume = Resume.open(partial, identity, s.fresh)
-        run.writer = Outputs(run, partial, run.resume.writer_state)
+        try:
+            run.writer = Outputs(run, partial, run.resume.writer_state)
+        except UsageError:   # a format this model cannot be written in: leave nothing behind
+            if not run.resume.saved:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         check_disk(run, output_dir, partial)
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
@@ -111,12 +117,10 @@ def predicted_output_bytes(run: Run) -> int:
 
 
 def check_disk(run: Run, output_dir: str, partial: str) -> None:
-    """Refuse to start when the output's file system cannot hold the predicted checkpoint."""
-    import shutil
-
+    """Refuse to start when the output's file system cannot hold the predicted checkpoint(s) (one per format)."""
     from .memory import human_bytes
 
-    need = predicted_output_bytes(run) + 4 * 2 ** 20   # + configs, tokenizer, progress files
+    need = predicted_output_bytes(run) * len(run.settings.formats) + 4 * 2 ** 20   # + configs, tokenizer, progress files
     written = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(partial) for f in files)
     where = os.path.dirname(output_dir.rstrip("/")) or "."
     while not os.path.isdir(where):

@@ -137,3 +137,12 @@ def test_scheme_the_gguf_type_cannot_hold_is_a_usage_error(tiny_folder, tmp_path
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
     code = main(["quantize", tiny_folder("llama"), "--adapter", "generic", "--format", "gguf:q5_0", "-o", str(tmp_path / "c")])
     assert code == 2 and "unknown --format gguf:q5_0" in capsys.readouterr().err
+
+
+def test_gemma4_refuses_gguf_before_tuning(tmp_path):
+    from blockquant.testing import example_folder
+
+    with pytest.raises(UsageError, match="GGUF export of Gemma 4 is not supported"):
+        api.quantize(example_folder("gemma4"), adapter="gemma4", iters=0, nsamples=2, seqlen=16, bits=4, group_size=32,
+                     format="gguf:q4_0", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-from blockquant import AdapterInfo, hookimpl
+from blockquant import AdapterInfo, UsageError, hookimpl
 
 from . import calibration as _calibration
 from . import model as _model
@@ -109,3 +109,12 @@ def block_outputs(block, index, output, inputs, cached):
 @hookimpl
 def example_model():
     return example_text()
+
+
+@hookimpl
+def gguf_layout(model):
+    # llama.cpp has a Gemma 4 architecture, but its converter's handling (norm offsets, per-layer
+    # embeddings, KV-shared layers, the vision/audio towers) has not been reproduced and checked
+    # against llama.cpp here: refuse rather than write a file that loads and produces nonsense.
+    raise UsageError("GGUF export of Gemma 4 is not supported by the gemma4 adapter yet; use --format auto_round "
+                     "or compressed-tensors (vLLM), or convert the auto_round output with llama.cpp's own tools")
