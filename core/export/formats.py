@@ -34,6 +34,7 @@ class LayerLayout:
     sym: bool = True
     zero_offset: int = 1
     g_idx: bool = False
+    awq: bool = False     # AutoAWQ packing (read only, see awq.py)
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size in (-1, 0) or self.group_size >= in_features else -(-in_features // self.group_size)
@@ -201,7 +202,7 @@ def layer_layout_from_config(qcfg: dict, name: str) -> LayerLayout | None:
         if bits >= 16 or over.get("data_type", "int") != "int":
             return None
         packing = str(qcfg.get("packing_format") or "auto_round:auto_gptq")
-        return LayerLayout(bits, group_size, sym, zero_offset=1 if "gptq" in packing else 0)
+        return LayerLayout(bits, group_size, sym, zero_offset=1 if "gptq" in packing else 0, awq="awq" in packing)
     if method == "gptq":
         for pattern, over in (qcfg.get("dynamic") or {}).items():
             negative = pattern.startswith("-:")
