@@ -16,11 +16,15 @@ import torch
 
 from ..config import QuantScheme
 from ..errors import BlockquantError, ModelFileError, UsageError
-from . import compressed, gguf_quants
+from .compressed import FORMAT as COMPRESSED
+from .compressed import layer_tensors as compressed_layer_tensors
+from .compressed import quantization_config as compressed_config
+from .gguf_quants import REQUIREMENTS as GGUF_REQUIREMENTS
+from .gguf_quants import check_scheme as check_gguf_scheme
 from .packing import SUPPORTED_BITS, pack
 
 PACKED_FORMATS = ("auto_round", "auto_gptq")
-SAFETENSORS_FORMATS = PACKED_FORMATS + (compressed.FORMAT,)
+SAFETENSORS_FORMATS = PACKED_FORMATS + (COMPRESSED,)
 GPTQ_DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
@@ -64,8 +68,8 @@ def check_format(fmt: str, scheme: QuantScheme) -> None:
     """Refuse, before any work, a scheme that format ``fmt`` cannot hold."""
     if fmt == "fake":
         return
-    if fmt.startswith("gguf:") and fmt[5:] in gguf_quants.REQUIREMENTS:
-        gguf_quants.check_scheme(fmt[5:], scheme)
+    if fmt.startswith("gguf:") and fmt[5:] in GGUF_REQUIREMENTS:
+        check_gguf_scheme(fmt[5:], scheme)
         return
     if fmt not in SAFETENSORS_FORMATS:
         raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(SAFETENSORS_FORMATS)}, gguf:TYPE or fake")
@@ -92,8 +96,8 @@ def layer_tensors(name: str, qw, bias: torch.Tensor | None, fmt: str, *,
                   packing_sym: bool | None = None) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one quantized linear layer ``name`` from a ``QuantizedWeight``
     (``packing_sym``: the model-wide ``sym`` when this layer's differs, see :func:`layout`)."""
-    if fmt == compressed.FORMAT:
-        return compressed.layer_tensors(name, qw, bias)
+    if fmt == COMPRESSED:
+        return compressed_layer_tensors(name, qw, bias)
     lay = layout(fmt, qw.scheme, packing_sym)
     q = qw.qweight
     out_features, in_features = q.shape
@@ -150,8 +154,8 @@ def quantization_config(fmt: str, scheme: QuantScheme, *, iters: int, block_name
     (compressed-tensors lists them all, the others use ``extra_config``).
     """
     check_format(fmt, scheme)
-    if fmt == compressed.FORMAT:
-        return compressed.quantization_config(scheme, list(ignore))
+    if fmt == COMPRESSED:
+        return compressed_config(scheme, list(ignore))
     if fmt == "auto_round":
         cfg = {
             "quant_method": "auto-round",
