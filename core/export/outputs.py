@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..errors import UsageError
 from . import checkpoint
 from .formats import layer_tensors, quantization_config
 from .gguf_output import GgufOutput
@@ -98,6 +99,9 @@ class Outputs:
     def __init__(self, run, partial: str, state: dict | None = None):
         formats = run.settings.formats
         state = state or {}
+        if state and set(state) != set(formats):   # recorded by an older blockquant (one writer, no formats)
+            raise UsageError(f"the interrupted run in {partial} was recorded by another blockquant version; "
+                             "run again with --fresh")
         self.items = []
         for fmt in formats:
             folder = partial if len(formats) == 1 else os.path.join(partial, folder_name(fmt))
