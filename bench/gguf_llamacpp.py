@@ -17,6 +17,7 @@ Not run by CI (building llama-cpp-python takes a long time on 2 cores).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -85,11 +86,8 @@ def main() -> int:
     from blockquant.corpus import stdlib_paragraphs
     from blockquant.adapters.generic import build_example
 
-    try:
-        import llama_cpp  # noqa: F401
-        have_llama = True
-    except ImportError:
-        have_llama = False
+    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    if not have_llama:
         print("llama-cpp-python is not installed: llama.cpp columns skipped")
     work = tempfile.mkdtemp(prefix="bq-gguf-")
     source = os.path.join(work, "model")
