@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 
@@ -121,6 +122,7 @@ def main() -> int:
         cpp = f"{row['cpp']:.2e}" if "cpp" in row else "-"
         print(f"{gtype:<6}{row['rtn']:>10.5f}{row['ar']:>14.5f}{row['ar'] / row['rtn']:>8.2f}{cpp:>19}  "
               f"{row.get('text', '-')!r}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
