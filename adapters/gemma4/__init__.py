@@ -8,7 +8,7 @@ passes that state by reference through accelerate's dispatch hooks.
 """
 from __future__ import annotations
 
-from blockquant import AdapterInfo, hookimpl
+from blockquant import AdapterInfo, UsageError, hookimpl
 from blockquant.resources.by_reference import pass_by_reference
 
 from . import model as _model
@@ -78,3 +78,12 @@ def block_outputs(block, index, output, inputs, cached):
 @hookimpl
 def example_model():
     return example_text()
+
+
+@hookimpl
+def gguf_layout(model):
+    # llama.cpp has a Gemma 4 architecture, but its converter's handling (norm offsets, per-layer
+    # embeddings, KV-shared layers, the vision/audio towers) has not been reproduced and checked
+    # against llama.cpp here: refuse rather than write a file that loads and produces nonsense.
+    raise UsageError("GGUF export of Gemma 4 is not supported by the gemma4 adapter yet; use --format auto_round "
+                     "or compressed-tensors (vLLM), or convert the auto_round output with llama.cpp's own tools")
