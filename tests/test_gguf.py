@@ -81,7 +81,7 @@ def check_file(path: str, result, arch: str, expected_type: str):
         for hf, short in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                           ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
                           ("mlp.down_proj", "ffn_down")):
-            qw = result.run.quantized_weights[f"model.layers.{i}.{hf}"]
+            qw = result.quantized_weights[f"model.layers.{i}.{hf}"]
             t = tensors[f"blk.{i}.{short}.weight"]
             want_type = expected_type if not (expected_type == "Q4_K" and qw.qweight.shape[1] % 256) else "Q4_1"
             assert t.tensor_type.name == want_type

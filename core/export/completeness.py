@@ -10,6 +10,7 @@ import os
 import torch
 
 from ..errors import BlockquantError
+from . import compressed
 from .formats import layer_layout_from_config
 
 
@@ -27,6 +28,8 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def packed_shapes(name: str, weight: tuple[int, ...], qcfg: dict) -> dict[str, tuple[int, ...]] | None:
     """The tensors (name -> shape) a reader of ``qcfg`` expects for quantized layer ``name``; None when
     the config says the layer is kept in full precision."""
+    if qcfg.get("quant_method") == compressed.FORMAT:
+        return compressed.packed_shapes(name, weight, qcfg)
     lay = layer_layout_from_config(qcfg, name)
     if lay is None:
         return None

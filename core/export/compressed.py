@@ -78,3 +78,19 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
 def unquantized_linears(model: torch.nn.Module, quantized: set[str]) -> list[str]:
     """Names of the model's Linear modules that were not quantized (the config's ``ignore`` list)."""
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+
+
+def packed_shapes(name: str, weight: tuple[int, ...], qcfg: dict) -> dict[str, tuple[int, ...]] | None:
+    """The tensors (name -> shape) a compressed-tensors reader expects for Linear ``name`` under ``qcfg``;
+    None when ``qcfg`` lists the layer in ``ignore`` (kept in full precision)."""
+    if name in qcfg.get("ignore", []):
+        return None
+    args = qcfg["config_groups"]["group_0"]["weights"]
+    out_f, in_f = weight
+    bits = args["num_bits"]
+    groups = -(-in_f // args["group_size"]) if args["strategy"] == "group" else 1
+    shapes = {f"{name}.weight_packed": (out_f, -(-in_f * bits // 32)), f"{name}.weight_scale": (out_f, groups),
+              f"{name}.weight_shape": (2,)}
+    if not args["symmetric"]:
+        shapes[f"{name}.weight_zero_point"] = (-(-out_f * bits // 32), groups)
+    return shapes

@@ -125,9 +125,6 @@ class GgufOutput:
         """One export step: the GGUF file written from the staged blocks and the tensors outside them."""
         return [("gguf", lambda: self.finish(run, loop))]
 
-    def check(self, root: str, run, quantized: list[str]) -> None:
-        """The GGUF file lists its tensors itself (its reader checks them); nothing to add here."""
-
     def finish(self, run, loop) -> None:
         parts = [os.path.join(self.staged.folder, p) for s in self.staged.state()["shards"] for p in s["parts"]]
         store = run.loaded.weights

@@ -51,8 +51,8 @@ def block_tensors(block, dtypes: dict[str, torch.dtype], quantized: dict, fmt: s
 class SafetensorsOutput:
     """An auto_round, auto_gptq or compressed-tensors checkpoint folder (safetensors shards + configs)."""
 
-    def __init__(self, fmt: str, folder: str, run, state: dict | None, rel: str = ""):
-        self.fmt, self.folder, self.rel = fmt, folder, rel
+    def __init__(self, fmt: str, folder: str, run, state: dict | None):
+        self.fmt, self.folder = fmt, folder
         traits, size = run.traits, run.settings.max_shard_size
         weights_dir = os.path.join(folder, traits.weights_subfolder)
         self.writer = ShardWriter.resume(weights_dir, traits.weights_name, size, state) if state else \
@@ -91,18 +91,12 @@ class SafetensorsOutput:
                                                          self.qconfig(run, loop))),
         ]
 
-    def check(self, root: str, run, quantized: list[str]) -> None:
-        """The completeness check of the checkpoint as written under ``root`` (see export/completeness.py)."""
-        weights_dir = os.path.join(root, self.rel, run.traits.weights_subfolder)
-        with open(os.path.join(weights_dir, "config.json")) as f:
-            qconfig = json.load(f)["quantization_config"]
-        check_complete(weights_dir, run.traits.weights_name, expected_tensors(run.model), quantized, qconfig)
 
 
-def _make(fmt: str, folder: str, run, state: dict | None, rel: str):
+def _make(fmt: str, folder: str, run, state: dict | None):
     if fmt.startswith("gguf:"):
         return GgufOutput(fmt, folder, run, state)
-    return SafetensorsOutput(fmt, folder, run, state, rel)
+    return SafetensorsOutput(fmt, folder, run, state)
 
 
 class Outputs:
@@ -117,7 +111,7 @@ class Outputs:
         self.items = []
         for fmt in formats:
             rel = "" if len(formats) == 1 else folder_name(fmt)
-            self.items.append(_make(fmt, os.path.join(root, rel) if rel else root, run, state.get(fmt), rel))
+            self.items.append(_make(fmt, os.path.join(root, rel) if rel else root, run, state.get(fmt)))
 
     def add_block(self, block, dtypes: dict, quantized: dict) -> None:
         for item in self.items:
@@ -132,6 +126,16 @@ class Outputs:
         return [(f"{item.fmt}:{name}" if several else name, fn)
                 for item in self.items for name, fn in item.steps(run, loop, saved)]
 
-    def check(self, root: str, run, quantized: list[str]) -> None:
-        for item in self.items:
-            item.check(root, run, quantized)
+
+
+def check_outputs(root: str, run, quantized: list[str]) -> None:
+    """The completeness check of every safetensors checkpoint a run wrote under ``root`` (a GGUF file lists
+    its tensors itself; its reader checks them), see export/completeness.py."""
+    formats = run.settings.formats
+    for fmt in formats:
+        if fmt.startswith("gguf:"):
+            continue
+        weights_dir = os.path.join(root, folder_name(fmt) if len(formats) > 1 else "", run.traits.weights_subfolder)
+        with open(os.path.join(weights_dir, "config.json")) as f:
+            qconfig = json.load(f)["quantization_config"]
+        check_complete(weights_dir, run.traits.weights_name, expected_tensors(run.model), quantized, qconfig)

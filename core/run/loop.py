@@ -29,6 +29,7 @@ class LoopResult:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     tuning_seconds: float = 0.0
+    weights: dict = field(default_factory=dict)    # layer -> QuantizedWeight (codes, scales), when blocks are kept
 
 
 class BlockLoop:
@@ -117,6 +118,7 @@ class BlockLoop:
         if dispatched:
             devices.unplace_block(block.module, ctx.hooks, ctx.model)
         if ctx.keep_blocks:
+            self.result.weights.update(quantized)
             block.module.to(dtype=ctx.model_dtype)
         else:
             ctx.loader.release(block)

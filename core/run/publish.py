@@ -14,6 +14,7 @@ import os
 
 from ..errors import ResourceError
 from ..export import checkpoint
+from ..export.outputs import check_outputs
 from .context import Run
 from .report import RunReport
 
@@ -34,7 +35,7 @@ def finish(run: Run, loop, output_dir: str, report: RunReport) -> None:
                 json.dump(report.to_json(), f, indent=1, default=str)
             os.replace(path + ".writing", path)
             resume.step_done("report")
-        outputs.check(out, run, loop.quantized)
+        check_outputs(out, run, loop.quantized)
         checkpoint.publish(out, output_dir, resume.partial)
         resume.remove()
     except OSError as e:
@@ -53,7 +54,7 @@ def complete_publish(run: Run, output_dir: str) -> RunReport:
     """Finish a run interrupted after its rename: check the published checkpoint, drop the partial folder."""
     resume = run.resume
     result = resume.record.get("result") or {}
-    run.writer.check(output_dir, run, result.get("quantized", []))
+    check_outputs(output_dir, run, result.get("quantized", []))
     resume.remove()
     with open(os.path.join(output_dir, "blockquant_report.json")) as f:
         return RunReport.from_json(json.load(f))

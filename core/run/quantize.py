@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,7 @@ class QuantizeResult:
     output_dir: str | None
     report: RunReport
     run: Run
+    quantized_weights: dict = field(default_factory=dict)   # layer -> QuantizedWeight, with keep_blocks=True
 
     @property
     def model(self):
@@ -77,7 +78,6 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh)
         if published(run, output_dir):
             log.info("the interrupted run had already published %s", output_dir)
-            run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
             return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
         checkpoint.check_output(output_dir, s.overwrite)
         check_disk(run, output_dir, run.resume.partial)
@@ -113,7 +113,7 @@ def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
     if output_dir:
         finish(run, loop, output_dir, report)
     log.info("\n%s", report.render())
-    return QuantizeResult(output_dir, report, run)
+    return QuantizeResult(output_dir, report, run, loop.weights)
 
 
 def identity(run: Run) -> dict:
