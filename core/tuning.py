@@ -141,7 +141,10 @@ class _Run:
                 st.install()
             if self.accumulate == 1:      # step each parameter as soon as its gradient is complete
                 hooks = [p.register_post_accumulate_grad_hook(self._step_now) for p in vs + scales]
-            with torch.enable_grad():
+            # one allocator switch for the whole loop: the steps' temporaries are freed before the
+            # next step reallocates them at the same sizes, and nothing long-lived is allocated
+            # inside (the best iteration goes into buffers allocated at the first one)
+            with torch.enable_grad(), heap_for_temporaries():
                 for it in range(iters):
                     self._perm = []          # each iteration draws a fresh permutation
                     # linear decay; no step after the last iteration (its result would never be evaluated)
@@ -171,8 +174,7 @@ class _Run:
         after the forward (the backward's hooks step); with several, after the last backward."""
         total = 0.0
         for _ in range(self.accumulate):
-            with heap_for_temporaries():
-                loss = self.loss_fn(self._indices())
+            loss = self.loss_fn(self._indices())
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar tensor")
             value = float(loss.detach())
@@ -185,9 +187,8 @@ class _Run:
                 self._note(it, total)
                 if self.factor is None:
                     return total
-            with heap_for_temporaries():
-                (loss / self.accumulate).backward()
-                del loss
+            (loss / self.accumulate).backward()
+            del loss
         if self.accumulate > 1:
             self._note(it, total)
         return total
@@ -204,7 +205,7 @@ class _Run:
         gradient is dropped (post-accumulate-grad hook, or after the accumulation steps)."""
         lr, low, high = self.bounds[id(p)]
         if self.factor is not None and p.grad is not None and lr != 0:
-            p.add_(p.grad.sign(), alpha=-lr * self.factor).clamp_(low, high)
+            p.add_(p.grad.sign_(), alpha=-lr * self.factor).clamp_(low, high)
         p.grad = None
 
 
