@@ -141,6 +141,8 @@ def child(tool: str, folder: str, args) -> dict:
 
     from blockquant.memory import peak_rss_bytes, peak_vram_bytes
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     model, extra = (run_blockquant if tool == "blockquant" else run_autoround)(folder, args)
@@ -169,6 +171,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool, alternating (default 2)")
     ap.add_argument("--tools", default="blockquant,autoround")
     ap.add_argument("--compile", action="store_true", help="blockquant with --compile")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads for both tools (default: torch's)")
     ap.add_argument("--keep", help="generate the model here and keep it (default: a temporary folder)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,7 +188,7 @@ def main():
         print(f"model: Qwen3-style {args.shape} {SHAPES[args.shape]}"
               + (f", {params / 1e6:.1f}M parameters" if params else "")
               + f"; W{args.bits} g{args.group_size} sym, {args.iters} iters, {args.nsamples} x {args.seqlen} tokens, "
-              f"batch {args.batch_size}, device {args.device}, torch threads {_threads()}", flush=True)
+              f"batch {args.batch_size}, device {args.device}, torch threads {args.threads or _threads()}", flush=True)
         rows = []
         for r in range(args.repeats):
             for tool in (tools if r % 2 == 0 else tools[::-1]):
@@ -228,7 +231,7 @@ def _pass(args) -> list[str]:
     out = ["--shape", args.shape, "--device", args.device, "--iters", str(args.iters), "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size), "--bits", str(args.bits),
            "--group_size", str(args.group_size)]
-    return out + (["--compile"] if args.compile else [])
+    return out + (["--compile"] if args.compile else []) + (["--threads", str(args.threads)] if args.threads else [])
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class TunedLinear:
             self._kept = QuantizedWeight(torch.empty(layer.weight.shape, dtype=torch.uint8, device=w.device),
                                          torch.empty_like(ones), torch.empty_like(ones, dtype=torch.int32), scheme)
         self.best: QuantizedWeight | tuple | None = None     # None: the initial (RTN) parameters
+        self.rows = 0            # the most input rows (tokens) one forward has seen
         self._saved = None
 
     # --- the replacement forward -------------------------------------------------------------
@@ -153,6 +154,7 @@ class QuantLinearFn(torch.autograd.Function):
         device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         ctx.st, ctx.dt, ctx.plain = st, dt, None
+        st.rows = max(st.rows, x.numel() // max(x.shape[-1], 1))
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dt)
             if st.plain:

@@ -21,6 +21,13 @@ from .quantizers import GroupedWeight, QuantizedWeight
 from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, TunedLinear, row_chunks, write_dequantized
 
 
+# Up to this many multiply-adds per forward of the tuned layers (rows of input x weights), a block's
+# ops are too small for intra-op threads to pay off (each parallel op synchronizes the threads; on a
+# busy machine a descheduled thread stalls every op): such blocks tune on one CPU thread.  The
+# decision depends only on shapes, so it is the same on every run.
+SERIAL_MAX_WORK = 2 ** 26
+
+
 @dataclass
 class TuneResult:
     """What tuning one block produced.  Losses are per iteration: the sum over its accumulation
@@ -119,6 +126,7 @@ class _Run:
         self.bounds: dict[int, tuple[float, float, float]] = {}   # id(param) -> (lr, low, high)
         self.factor: float | None = None     # this iteration's lr factor; None: no step
         self._perm: list[int] = []
+        self._threads: int | None = None     # the thread count to restore after a serial run
 
     def _indices(self) -> list[int]:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
@@ -155,10 +163,13 @@ class _Run:
                         return first, None, None, it, True
                     if it == 0:
                         first = loss
+                        self._fit_threads()
                     if self.accumulate > 1:
                         for p in vs + scales:
                             self._step_now(p)
         finally:
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
             for h in hooks:
                 h.remove()
             for st in reversed(self.states):      # reverse: a module listed twice ends up clean
@@ -166,6 +177,13 @@ class _Run:
             _clear_grads(vs + scales)
             trim_heap()           # what the iterations' temporaries left in the heap
         return first, self.best_loss, self.best_iter, iters, False
+
+    def _fit_threads(self) -> None:
+        """After the first iteration (which showed the input rows): one thread for a small CPU block."""
+        work = sum(st.rows * st.v.numel() for st in self.states)
+        if self.states[0].v.device.type == "cpu" and work <= SERIAL_MAX_WORK and torch.get_num_threads() > 1:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
 
     def _iteration(self, it: int) -> float | None:
         """Forward and backward over the accumulation steps; None when a loss is NaN or Inf.

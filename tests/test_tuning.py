@@ -309,3 +309,26 @@ def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch
         torch.testing.assert_close(p.grad, ref.grad)
     st.finish(None)           # abandoned: the layer gets its original weight back, in float32
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, original)
+
+
+def test_small_block_tunes_on_one_thread_and_restores_the_count():
+    """A block whose forward is a few million multiply-adds tunes serially after the first iteration
+    (intra-op threads cost more than they save there); the caller's thread count comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fp = _block()
+        x, target = _data(fp)
+        seen = []
+        inner = _loss_fn(fp, x, target)
+
+        def loss_fn(indices):
+            seen.append(torch.get_num_threads())
+            return inner(indices)
+
+        tune_block(_layers(fp), SCHEME, loss_fn, NSAMPLES, iters=4, lr=1 / 4, minmax_lr=1 / 4, batch_size=4,
+                   gradient_accumulate_steps=1, seed=0)
+        assert seen == [2, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
