@@ -1,7 +1,7 @@
 """Per-iteration cost of AutoRound tuning on three kinds of block, with an optional profile.
 
     python bench/tuning_profile.py [--shape demo|small|4b-block] [--iters N] [--profile cprofile|torch]
-                                   [--compile] [--rows 25]
+                                   [--rows 25] [--keep DIR]
 
 - ``demo``: the gemma4 adapter's example model (four tiny Gemma 4 blocks, hidden 64) at the README
   demo's settings (50 iters, 16 x 128 tokens, group size 32, batch 8).
@@ -43,15 +43,12 @@ def main():
     ap.add_argument("--shape", choices=sorted(SETTINGS), default="small")
     ap.add_argument("--iters", type=int)
     ap.add_argument("--profile", choices=("cprofile", "torch"))
-    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--keep", help="generate the model here and keep it")
     args = ap.parse_args()
     settings = dict(SETTINGS[args.shape])
     if args.iters is not None:
         settings["iters"] = args.iters
-    if args.compile:
-        settings["compile"] = True
     with tempfile.TemporaryDirectory() as tmp:
         folder = None
         if args.shape in MODELS:

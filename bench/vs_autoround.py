@@ -2,18 +2,21 @@
 
     python bench/vs_autoround.py [--shape small|0.6b] [--device cpu|cuda] [--iters 200 --nsamples 32
                                  --seqlen 256 --batch_size 8 --bits 4 --group_size 128] [--repeats 2]
-                                 [--tools blockquant,autoround] [--compile] [--keep DIR]
+                                 [--tools blockquant,autoround] [--threads N] [--keep DIR]
 
 A random-weight Qwen3-style model is generated offline (``small``: 4 blocks of hidden 512, 22.7M
 parameters; ``0.6b``: Qwen3-0.6B proportions, for the GPU check).  Both tools get the same calibration
-tokens (the engine's default corpus cut by ``build_token_samples``), W4 g128 asymmetric-free symmetric
+tokens (the engine's default corpus cut by ``build_token_samples``), W4 g128 symmetric
 quantization, the same iterations, samples, sequence length and batch size, and no lm_head.
 
 Every run is its own child process; runs alternate (blockquant, auto-round, auto-round, blockquant, ...)
-so that a noisy machine affects both alike.  Per run: the quantization wall time (model load included,
-export excluded), the process CPU time over it, peak RSS / peak VRAM per device, and the KL divergence
-of the final logits to the fp model on held-out text (8 x 256 tokens of the corpus' held-out split).
-The ratio is blockquant's median time over auto-round's.  Requires ``auto-round`` (pip install -c
+so that a noisy machine affects both alike.  Per run: the tuning time (blockquant: the report's
+tuning_seconds, the sum of tune_block; auto-round: the sum of its SignRoundQuantizer.quantize_block,
+torch.compile included), the quantization wall time (model load included, export excluded), the
+process CPU time over it, peak RSS / peak VRAM per device, and the KL divergence of the final logits
+to the fp model on held-out text (8 x 256 tokens of the corpus' held-out split).  Ratios are
+blockquant's medians over auto-round's.  ``--threads N`` sets both tools' torch threads (on a shared
+machine, 1 keeps the figures stable).  Requires ``auto-round`` (pip install -c
 .ci/constraints.txt auto-round==0.16.1); nothing downloads.
 """
 from __future__ import annotations
@@ -50,6 +53,8 @@ def build(folder: str, shape: dict) -> int:
                       num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], max_position_embeddings=4096,
                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     model = Qwen3ForCausalLM(cfg).eval()
+    if shape["layers"] > 8:          # the large shape is stored like a real checkpoint, in bf16
+        model = model.to(torch.bfloat16)
     model.save_pretrained(folder)
     tiny_tokenizer(min(shape["vocab"], 32000)).save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
@@ -97,7 +102,7 @@ def run_blockquant(folder: str, args):
 
     result = api.quantize(folder, adapter="generic", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, bits=args.bits, group_size=args.group_size, device=args.device,
-                          format="fake", keep_blocks=True, seed=0, **({"compile": True} if args.compile else {}))
+                          format="fake", keep_blocks=True, seed=0)
     return result.model, {"tuning_s": result.report.tuning_seconds}
 
 
@@ -170,7 +175,6 @@ def main():
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool, alternating (default 2)")
     ap.add_argument("--tools", default="blockquant,autoround")
-    ap.add_argument("--compile", action="store_true", help="blockquant with --compile")
     ap.add_argument("--threads", type=int, help="torch intra-op threads for both tools (default: torch's)")
     ap.add_argument("--keep", help="generate the model here and keep it (default: a temporary folder)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -231,7 +235,7 @@ def _pass(args) -> list[str]:
     out = ["--shape", args.shape, "--device", args.device, "--iters", str(args.iters), "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size), "--bits", str(args.bits),
            "--group_size", str(args.group_size)]
-    return out + (["--compile"] if args.compile else []) + (["--threads", str(args.threads)] if args.threads else [])
+    return out + (["--threads", str(args.threads)] if args.threads else [])
 
 
 if __name__ == "__main__":
