@@ -2,7 +2,7 @@
 
     python bench/vs_autoround.py [--shape small|0.6b] [--device cpu|cuda] [--iters 200 --nsamples 32
                                  --seqlen 256 --batch_size 8 --bits 4 --group_size 128] [--repeats 2]
-                                 [--tools blockquant,autoround] [--threads N] [--keep DIR]
+                                 [--tools blockquant,autoround] [--threads N] [--parallel] [--keep DIR]
 
 A random-weight Qwen3-style model is generated offline (``small``: 4 blocks of hidden 512, 22.7M
 parameters; ``0.6b``: Qwen3-0.6B proportions, for the GPU check).  Both tools get the same calibration
@@ -15,8 +15,10 @@ tuning_seconds, the sum of tune_block; auto-round: the sum of its SignRoundQuant
 torch.compile included), the quantization wall time (model load included, export excluded), the
 process CPU time over it, peak RSS / peak VRAM per device, and the KL divergence of the final logits
 to the fp model on held-out text (8 x 256 tokens of the corpus' held-out split).  Ratios are
-blockquant's medians over auto-round's.  ``--threads N`` sets both tools' torch threads (on a shared
-machine, 1 keeps the figures stable).  Requires ``auto-round`` (pip install -c
+blockquant's medians over auto-round's.  ``--threads N`` sets both tools' torch threads;
+``--parallel`` runs the two at the same time.  On a shared, overloaded machine, ``--threads 1
+--parallel`` gives the most stable comparison: both see the same load, and the CPU seconds of a
+one-thread run hardly depend on it.  Requires ``auto-round`` (pip install -c
 .ci/constraints.txt auto-round==0.16.1); nothing downloads.
 """
 from __future__ import annotations
@@ -97,13 +99,34 @@ def kl_to_fp(folder: str, model, device) -> float:
     return kl / ids.numel()
 
 
-def run_blockquant(folder: str, args):
-    from blockquant import api
+def timed(owner, name: str, spent: dict, device: str) -> None:
+    """Wrap ``owner.name`` so that its wall and CPU seconds add up in ``spent``."""
+    inner = getattr(owner, name)
 
+    def wrapper(*a, **kw):
+        import torch
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return inner(*a, **kw)
+        finally:
+            if device != "cpu":
+                torch.cuda.synchronize()
+            spent["tuning_s"] += time.perf_counter() - t0
+            spent["tuning_cpu_s"] += time.process_time() - c0
+
+    setattr(owner, name, wrapper)
+
+
+def run_blockquant(folder: str, args):
+    from blockquant import api, tuning
+
+    spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
+    timed(tuning, "tune_block", spent, args.device)      # the block loop looks it up at each call
     result = api.quantize(folder, adapter="generic", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, bits=args.bits, group_size=args.group_size, device=args.device,
                           format="fake", keep_blocks=True, seed=0)
-    return result.model, {"tuning_s": result.report.tuning_seconds}
+    return result.model, spent
 
 
 def run_autoround(folder: str, args):
@@ -113,26 +136,15 @@ def run_autoround(folder: str, args):
 
     from auto_round.algorithms.quantization.sign_round.quantizer import SignRoundQuantizer
 
-    spent = [0.0]
-    tune_one = SignRoundQuantizer.quantize_block
-
-    def timed(self, *a, **kw):       # the peer's block tuning, the counterpart of blockquant's tune_block
-        t0 = time.perf_counter()
-        try:
-            return tune_one(self, *a, **kw)
-        finally:
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            spent[0] += time.perf_counter() - t0
-
-    SignRoundQuantizer.quantize_block = timed
+    spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
+    timed(SignRoundQuantizer, "quantize_block", spent, args.device)   # the peer's counterpart of tune_block
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
     ar = AutoRound(model, tok, bits=args.bits, group_size=args.group_size, sym=True, iters=args.iters,
                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=0,
                    dataset=calibration(folder, args), device_map=args.device)
     ar.quantize()
-    return ar.model, {"tuning_s": spent[0], "compiled": bool(getattr(ar, "enable_torch_compile", False))}
+    return ar.model, {**spent, "compiled": bool(getattr(ar, "enable_torch_compile", False))}
 
 
 def grid_check(model) -> int:
@@ -176,6 +188,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool, alternating (default 2)")
     ap.add_argument("--tools", default="blockquant,autoround")
     ap.add_argument("--threads", type=int, help="torch intra-op threads for both tools (default: torch's)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the tools at the same time (a loaded machine: both see the same load; compare CPU seconds)")
     ap.add_argument("--keep", help="generate the model here and keep it (default: a temporary folder)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -195,33 +209,39 @@ def main():
               f"batch {args.batch_size}, device {args.device}, torch threads {args.threads or _threads()}", flush=True)
         rows = []
         for r in range(args.repeats):
-            for tool in (tools if r % 2 == 0 else tools[::-1]):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", tool, folder] + _pass(args)
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                if out.returncode or not lines:
-                    sys.stderr.write(out.stderr[-4000:])
-                    raise SystemExit(f"{tool} run failed (exit {out.returncode})")
-                rows.append(json.loads(lines[-1][7:]))
-                _print_row(rows[-1])
+            order = tools if r % 2 == 0 else tools[::-1]
+            waves = [order] if args.parallel else [[t] for t in order]
+            for wave in waves:
+                procs = [(tool, subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", tool, folder]
+                                                 + _pass(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                         for tool in wave]
+                for tool, proc in procs:
+                    stdout, stderr = proc.communicate()
+                    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode or not lines:
+                        sys.stderr.write(stderr[-4000:])
+                        raise SystemExit(f"{tool} run failed (exit {proc.returncode})")
+                    rows.append(json.loads(lines[-1][7:]))
+                    _print_row(rows[-1])
         _summary(rows, tools)
 
 
 def _print_row(r: dict) -> None:
     vram = ", ".join(f"{k} {v:.0f} MiB" for k, v in r["peak_vram_mib"].items()) or "-"
     extra = "" if "compiled" not in r else f"  compiled {r['compiled']}"
-    print(f"{r['tool']:<11} tuning {r['tuning_s']:7.1f} s  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+    print(f"{r['tool']:<11} tuning {r['tuning_s']:7.1f} s (cpu {r['tuning_cpu_s']:7.1f} s)  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
           f"peak VRAM {vram}  KL {r['kl']:.4e}  grid {r['grid_values']}{extra}", flush=True)
 
 
 def _summary(rows: list[dict], tools: list[str]) -> None:
-    med = {t: {k: statistics.median(r[k] for r in rows if r["tool"] == t) for k in ("tuning_s", "wall_s", "cpu_s", "kl")}
+    med = {t: {k: statistics.median(r[k] for r in rows if r["tool"] == t) for k in ("tuning_s", "tuning_cpu_s", "wall_s", "cpu_s", "kl")}
            for t in tools}
     for t in tools:
-        print(f"median {t:<11} tuning {med[t]['tuning_s']:7.1f} s  wall {med[t]['wall_s']:7.1f} s  cpu {med[t]['cpu_s']:7.1f} s  KL {med[t]['kl']:.4e}")
+        print(f"median {t:<11} tuning {med[t]['tuning_s']:7.1f} s (cpu {med[t]['tuning_cpu_s']:7.1f} s)  wall {med[t]['wall_s']:7.1f} s  cpu {med[t]['cpu_s']:7.1f} s  KL {med[t]['kl']:.4e}")
     if len(tools) == 2:
         a, b = tools
-        print(f"ratio {a}/{b}: tuning {med[a]['tuning_s'] / med[b]['tuning_s']:.3f}  wall {med[a]['wall_s'] / med[b]['wall_s']:.3f}  cpu {med[a]['cpu_s'] / med[b]['cpu_s']:.3f}"
+        print(f"ratio {a}/{b}: tuning {med[a]['tuning_s'] / med[b]['tuning_s']:.3f} "
+              f"(cpu {med[a]['tuning_cpu_s'] / med[b]['tuning_cpu_s']:.3f})  wall {med[a]['wall_s'] / med[b]['wall_s']:.3f}  cpu {med[a]['cpu_s'] / med[b]['cpu_s']:.3f}"
               f"  KL {med[a]['kl'] / med[b]['kl']:.3f}")
 
 
