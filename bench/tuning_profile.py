@@ -1,17 +1,17 @@
 """Per-iteration cost of AutoRound tuning on three kinds of block, with an optional profile.
 
     python bench/tuning_profile.py [--shape demo|small|4b-block] [--iters N] [--profile cprofile|torch]
-                                   [--rows 25] [--keep DIR]
+                                   [--rows 25] [--threads N] [--keep DIR]
 
 - ``demo``: the gemma4 adapter's example model (four tiny Gemma 4 blocks, hidden 64) at the README
   demo's settings (50 iters, 16 x 128 tokens, group size 32, batch 8).
 - ``small``: the 22.7M-parameter Qwen3-style model of vs_autoround.py (4 blocks of 512/1536) at
   32 x 256 tokens, batch 8.
 - ``4b-block``: one block of Qwen3-4B proportions (2560/9728, 32 heads / 8 KV heads of 128), at
-  4 x 256 tokens, batch 4.
+  2 x 128 tokens, batch 2.
 
-Prints the tuning seconds per iteration (all blocks' tune_block time / iterations / blocks, first
-iterations included) and the run's wall time; with ``--profile`` the top functions (cProfile) or
+Prints the tuning seconds per iteration, wall and CPU (all blocks' tune_block time / iterations /
+blocks, first iterations included) and the run's wall time; with ``--profile`` the top functions (cProfile) or
 operators (torch.profiler, self CPU time).  Everything runs in this process on the CPU.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vs_autoround import build  # noqa: E402
+from vs_autoround import build, timed  # noqa: E402
 
 SETTINGS = {
     "demo": dict(adapter="gemma4", iters=50, nsamples=16, seqlen=128, batch_size=8, group_size=32),
     "small": dict(adapter="generic", iters=20, nsamples=32, seqlen=256, batch_size=8, group_size=128),
-    "4b-block": dict(adapter="generic", iters=4, nsamples=4, seqlen=256, batch_size=4, group_size=128),
+    "4b-block": dict(adapter="generic", iters=4, nsamples=2, seqlen=128, batch_size=2, group_size=128),
 }
 MODELS = {
     "small": dict(layers=4, hidden=512, intermediate=1536, heads=8, kv_heads=4, head_dim=64, vocab=19776),
@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--iters", type=int)
     ap.add_argument("--profile", choices=("cprofile", "torch"))
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--keep", help="generate the model here and keep it")
     args = ap.parse_args()
     settings = dict(SETTINGS[args.shape])
@@ -59,7 +60,14 @@ def main():
 
 
 def run(folder, settings, args):
-    from blockquant import api
+    import torch
+
+    from blockquant import api, tuning
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
+    timed(tuning, "tune_block", spent, "cpu")
 
     def go():
         return api.quantize(folder, format="fake", keep_blocks=True, seed=0, device="cpu", **settings)
@@ -80,10 +88,10 @@ def run(folder, settings, args):
     else:
         result = go()
     wall = time.perf_counter() - start
-    blocks = len(result.report.blocks)
-    per_iter = result.report.tuning_seconds / settings["iters"] / blocks
-    print(f"shape {args.shape}: {settings}; {blocks} blocks")
-    print(f"tuning {result.report.tuning_seconds:.2f} s = {per_iter * 1000:.1f} ms per iteration per block; wall {wall:.1f} s")
+    steps = settings["iters"] * len(result.report.blocks)
+    print(f"shape {args.shape}: {settings}; {len(result.report.blocks)} blocks, torch threads {torch.get_num_threads()}")
+    print(f"tuning {spent['tuning_s']:.2f} s (cpu {spent['tuning_cpu_s']:.2f} s) = {spent['tuning_s'] / steps * 1000:.1f} ms "
+          f"(cpu {spent['tuning_cpu_s'] / steps * 1000:.1f} ms) per iteration per block; wall {wall:.1f} s")
     if args.profile == "cprofile":
         stats.sort_stats("tottime").print_stats(args.rows)
     elif args.profile == "torch":
