@@ -24,7 +24,7 @@ def build(folder: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
@@ -41,7 +41,7 @@ def heldout(folder: str, n=8, seqlen=256):
     import torch
     from transformers import AutoTokenizer
 
-    from blockquant.corpus import stdlib_paragraphs
+    from blockquant.data.corpus import stdlib_paragraphs
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok("\n\n".join(stdlib_paragraphs("heldout")), return_tensors="pt").input_ids[0]
@@ -54,7 +54,7 @@ def one(folder: str, iters: int, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from blockquant import api
-    from blockquant.memory import peak_rss_bytes
+    from blockquant.resources.memory import peak_rss_bytes
 
     torch.manual_seed(0)
     start = time.time()

@@ -62,7 +62,7 @@ def generate(folder: str, args) -> int:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     config = build_config(args)
     with init_empty_weights():
@@ -142,7 +142,7 @@ def measured(code: str, env=None) -> tuple[int, float, str, int]:
     return (peaks[-1] if peaks else 0), time.time() - t0, out[-3000:], rc
 
 
-BASELINE = "import torch, transformers, blockquant, blockquant.api, blockquant.runner; import transformers.models.llama"
+BASELINE = "import torch, transformers, blockquant, blockquant.api, blockquant.run.quantize; import transformers.models.llama"
 
 QUANTIZE = """
 import json, blockquant.api

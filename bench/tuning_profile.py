@@ -62,12 +62,13 @@ def main():
 def run(folder, settings, args):
     import torch
 
-    from blockquant import api, tuning
+    from blockquant import api
+    from blockquant.run import loop
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
-    timed(tuning, "tune_block", spent, "cpu")
+    timed(loop, "tune_block", spent, "cpu")
 
     def go():
         return api.quantize(folder, format="fake", keep_blocks=True, seed=0, device="cpu", **settings)

@@ -47,7 +47,7 @@ def build(folder: str, shape: dict) -> int:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
@@ -66,7 +66,7 @@ def calibration(folder: str, args):
     """The token samples blockquant's default calibration builds (same seed): auto-round gets these."""
     from transformers import AutoTokenizer
 
-    from blockquant.calibration_data import build_token_samples, load_texts
+    from blockquant.data.calibration_data import build_token_samples, load_texts
 
     tok = AutoTokenizer.from_pretrained(folder)
     return [s["input_ids"] for s in build_token_samples(tok, load_texts(None), args.nsamples, args.seqlen, 0)]
@@ -76,7 +76,7 @@ def heldout(folder: str, n=8, seqlen=256):
     import torch
     from transformers import AutoTokenizer
 
-    from blockquant.corpus import stdlib_paragraphs
+    from blockquant.data.corpus import stdlib_paragraphs
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok("\n\n".join(stdlib_paragraphs("heldout")), return_tensors="pt").input_ids[0]
@@ -119,10 +119,11 @@ def timed(owner, name: str, spent: dict, device: str) -> None:
 
 
 def run_blockquant(folder: str, args):
-    from blockquant import api, tuning
+    from blockquant import api
+    from blockquant.run import loop
 
     spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
-    timed(tuning, "tune_block", spent, args.device)      # the block loop looks it up at each call
+    timed(loop, "tune_block", spent, args.device)      # the block loop's tune_block
     result = api.quantize(folder, adapter="generic", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, bits=args.bits, group_size=args.group_size, device=args.device,
                           format="fake", keep_blocks=True, seed=0)
@@ -156,7 +157,7 @@ def grid_check(model) -> int:
 def child(tool: str, folder: str, args) -> dict:
     import torch
 
-    from blockquant.memory import peak_rss_bytes, peak_vram_bytes
+    from blockquant.resources.memory import peak_rss_bytes, peak_vram_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,20 +1,18 @@
-"""blockquant: block-by-block AutoRound quantization of large transformers, with adapter plugins."""
-from .hookspecs import hookimpl
-from .contract import AdapterInfo, BlockRef, ExampleModel, SampleInputs, Traits
+"""blockquant: block-by-block AutoRound quantization of large transformers, with adapter plugins.
+
+The Python API is ``quantize``, ``verify`` and ``load_quantized``; adapters use ``hookimpl`` and the
+typed values of the contract (``AdapterInfo``, ``Traits``, ``BlockRef``, ``SampleInputs``, ``ExampleModel``).
+"""
+from .api import quantize, verify
 from .config import QuantScheme, RunSettings
 from .errors import BlockquantError, UsageError
+from .export.loading import load_quantized
+from .frame.contract import AdapterInfo, BlockRef, ExampleModel, RunContext, SampleInputs, Stash, StashKey, Traits
+from .frame.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-
-def load_quantized(path, **kwargs):
-    """Load a folder written by blockquant (auto_round or auto_gptq format); see loading.py."""
-    from .loading import load_quantized as _load
-
-    return _load(path, **kwargs)
-
-
 __all__ = [
-    "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "SampleInputs", "Traits", "QuantScheme",
-    "RunSettings", "BlockquantError", "UsageError", "load_quantized", "__version__",
+    "quantize", "verify", "load_quantized", "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "RunContext",
+    "SampleInputs", "Stash", "StashKey", "Traits", "QuantScheme", "RunSettings", "BlockquantError", "UsageError", "__version__",
 ]

@@ -1,6 +1,6 @@
 """The adapter test kit applied to every built-in adapter that `quant adapters` shows as loaded."""
-from blockquant import plugins
-from blockquant.testing import AdapterKit
+from blockquant.frame import plugins
+from blockquant.kit.testing import AdapterKit
 
 BUILTINS = ("generic", "gemma4", "qwen_vl", "flux")
 

@@ -10,14 +10,14 @@ import types
 import pytest
 import torch
 
-from blockquant import corpus
-from blockquant.calibration_data import (
+from blockquant.data import corpus
+from blockquant.data.calibration_data import (
     CalibrationSource, TokenSamples, build_token_samples, default_calibration_batches, describe_samples,
     load_texts, split_text,
 )
 from blockquant.config import RunSettings
 from blockquant.errors import DataError
-from blockquant.tiny import _trained_json, tiny_tokenizer, write_tokenizer
+from blockquant.data.tiny import _trained_json, tiny_tokenizer, write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_corpus_splits_are_disjoint_and_deterministic():
 def test_corpus_and_tokenizer_identical_in_a_fresh_process(tok):
     code = (
         "import hashlib, json\n"
-        "from blockquant.corpus import stdlib_paragraphs\n"
-        "from blockquant.tiny import _trained_json\n"
+        "from blockquant.data.corpus import stdlib_paragraphs\n"
+        "from blockquant.data.tiny import _trained_json\n"
         "h = hashlib.sha256(json.dumps([stdlib_paragraphs('train'), stdlib_paragraphs('heldout')]).encode())\n"
         "print(h.hexdigest(), hashlib.sha256(_trained_json(512).encode()).hexdigest())\n"
     )

@@ -6,7 +6,7 @@ pytest.importorskip("diffusers")
 
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import dispatch  # noqa: E402
-from blockquant.dispatch_plan import plan_devices  # noqa: E402
+from blockquant.resources.dispatch_plan import plan_devices  # noqa: E402
 from blockquant.errors import ResourceError  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def test_plan_with_accelerate_device_map_on_uneven_devices(example, deep_transfo
 def test_plan_refuses_when_blocks_cannot_fill_the_devices_in_order(example):
     """The tiny example's blocks are a third of the model each: (0.5, 0.5, 0.5) sums up but does not fit
     in order; accelerate given the same budgets would spill a block to disk, so the plan refuses."""
-    from blockquant.dispatch_plan import _greedy
+    from blockquant.resources.dispatch_plan import _greedy
 
     pipe, tr = example.pipeline, example.model
     capacities = _fill(pipe, tr, (0.5, 0.5, 0.5))

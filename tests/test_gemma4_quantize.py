@@ -70,7 +70,7 @@ def test_tuning_lowers_the_block_loss(text, tmp_path):
 
 def test_cli_quantizes_the_example_model_without_a_model_argument(tmp_path):
     out = tmp_path / "cli-out"
-    cmd = [sys.executable, "-m", "blockquant.cli", "--adapter", "gemma4", "--iters", "0", "--nsamples", "2",
+    cmd = [sys.executable, "-m", "blockquant.frame.cli", "--adapter", "gemma4", "--iters", "0", "--nsamples", "2",
            "--seqlen", "32", "--group_size", "32", "--output_dir", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -90,7 +90,7 @@ def test_a_storing_block_left_in_full_precision_still_feeds_the_kv_shared_blocks
 
 
 def test_multimodal_with_the_vision_tower_round_trips(tmp_path):
-    from blockquant.image_data import draw_shape
+    from blockquant.data.image_data import draw_shape
 
     images = tmp_path / "images"
     images.mkdir()

@@ -16,8 +16,8 @@ from auto_round_extension.torch import qlinear_torch, qlinear_torch_zp  # noqa: 
 
 from blockquant.config import QuantScheme  # noqa: E402
 from blockquant.export.formats import layer_tensors  # noqa: E402
-from blockquant.loading import load_quantized  # noqa: E402
-from blockquant.quantizers import quantize  # noqa: E402
+from blockquant.export.loading import load_quantized  # noqa: E402
+from blockquant.algorithm.quantizers import quantize  # noqa: E402
 from test_export_formats import export_tiny_llama, random_weight  # noqa: E402
 
 OUT, IN = 64, 256

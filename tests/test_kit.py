@@ -14,14 +14,19 @@ import types
 import pytest
 import torch
 
-from blockquant import AdapterInfo, api, hookimpl, hookspecs, plugins
-from blockquant.contract import Traits
+from blockquant.frame.contract import RunContext
+from blockquant.frame.hooks import AdapterHooks
+from blockquant.run.prepare import pin_traits
+from blockquant import AdapterInfo, api, hookimpl
+from blockquant.frame import hookspecs
+from blockquant.frame import plugins
+from blockquant.frame.contract import Traits
 from blockquant.errors import AdapterError
-from blockquant.model_io import LoadedModel
-from blockquant.testing import get_kit, model_snapshot, snapshot_diff
+from blockquant.model.model_io import LoadedModel
+from blockquant.kit.testing import get_kit, model_snapshot, snapshot_diff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUANT = [sys.executable, "-m", "blockquant.cli"]
+QUANT = [sys.executable, "-m", "blockquant.frame.cli"]
 
 
 def quant(*args, only="generic,wrong_replay"):
@@ -76,12 +81,13 @@ def test_unknown_trait_is_named():
     module = _module("typo_trait", fixed_attrs=lambda model: {"block_group": [["model.layers"]]})
     entry = plugins.AdapterEntry(name="typo_trait", module=module)
     entry.info, entry.hooks = plugins.check_adapter("typo_trait", module)
-    run = api.Run(settings=api.make_settings(nsamples=2, seqlen=16), entry=entry, pm=plugins.run_manager(entry))
+    ctx = RunContext(settings=api.make_settings(nsamples=2, seqlen=16))
+    run = api.Run(ctx=ctx, entry=entry, hooks=AdapterHooks(plugins.run_manager(entry), ctx, "typo_trait"))
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
-    run.loaded = LoadedModel(model=model)
+    ctx.loaded = LoadedModel(model=model)
     with pytest.raises(AdapterError, match=r"adapter 'typo_trait' returned unknown trait\(s\) block_group"):
-        api._traits(run)
+        pin_traits(run)
     with pytest.raises(AdapterError, match="unknown trait.*max_batch"):
         Traits().updated({"max_batch": 2}, "x")
 

@@ -6,11 +6,12 @@ import types
 
 import pytest
 
-from blockquant import AdapterInfo, hookimpl, plugins
+from blockquant import AdapterInfo, hookimpl
+from blockquant.frame import plugins
 from blockquant.errors import AdapterError, VersionError
-from blockquant.model_io import ModelSource
+from blockquant.model.model_io import ModelSource
 
-QUANT = [sys.executable, "-m", "blockquant.cli"]
+QUANT = [sys.executable, "-m", "blockquant.frame.cli"]
 
 
 def quant(*args, env=None):
@@ -62,7 +63,7 @@ def test_run_manager_holds_only_the_selected_adapter():
     entry = plugins.get_adapter("demo")
     pm = plugins.run_manager(entry)
     names = {pm.get_name(p) for p in pm.get_plugins()}
-    assert names == {"demo", "blockquant.defaults"}
+    assert names == {"demo", "blockquant.frame.defaults"}
 
 
 def test_auto_detection_from_config(tiny_folder):
@@ -149,7 +150,7 @@ def test_env_var_limits_loaded_adapters(monkeypatch):
 
 
 def test_every_hook_has_a_docstring_with_contract_fields():
-    from blockquant import hookspecs
+    from blockquant.frame import hookspecs
 
     for row in plugins.hook_table({}):
         doc = getattr(hookspecs, row["hook"]).__doc__

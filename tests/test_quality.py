@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blockquant import api
-from blockquant.corpus import stdlib_paragraphs
+from blockquant.data.corpus import stdlib_paragraphs
 
 
 def heldout_ids(tokenizer, n=4, seqlen=64):

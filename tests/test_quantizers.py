@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockquant.config import QuantScheme
-from blockquant.quantizers import QuantizedWeight, fake_quantize, quant_params, quantize
+from blockquant.algorithm.quantizers import QuantizedWeight, fake_quantize, quant_params, quantize
 
 OUT, IN = 24, 256
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blockquant import cli
+from blockquant.frame import cli
 
 QUANT = os.path.join(os.path.dirname(sys.executable), "quant")
 FAST = ["--adapter", "generic", "--iters", "0", "--nsamples", "2", "--seqlen", "16", "--group_size", "32",
@@ -305,7 +305,7 @@ def test_cuda_oom_in_calibration_falls_back_to_cpu(model, tmp_path, monkeypatch,
 def test_ram_warning_names_the_options_that_lower_it(model, caplog):
     """A predicted peak above the available RAM is a warning naming --nsamples/--seqlen and --cache_device."""
     from blockquant.api import make_settings, prepare
-    from blockquant.runner import check_memory
+    from blockquant.resources.budget import check_memory
 
     run = prepare(model, "generic", make_settings(nsamples=200_000, seqlen=4096, device="cpu"))
     with caplog.at_level("WARNING", logger="blockquant"):

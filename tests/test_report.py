@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from blockquant.memory import current_rss_bytes, human_bytes, peak_rss_bytes, peak_vram_bytes
-from blockquant.report import (
+from blockquant.resources.memory import current_rss_bytes, human_bytes, peak_rss_bytes, peak_vram_bytes
+from blockquant.run.report import (
     Progress, RunReport, compress_names, configure_logging, format_duration, format_ranges,
 )
 

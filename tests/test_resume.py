@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from blockquant import cli
+from blockquant.frame import cli
 
 QUANT = os.path.join(os.path.dirname(sys.executable), "quant")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")

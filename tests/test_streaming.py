@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from blockquant import api
 from blockquant.adapters.generic import build_example
-from blockquant.memory import peak_rss_bytes
-from blockquant.model_io import WeightStore
+from blockquant.resources.memory import peak_rss_bytes
+from blockquant.model.model_io import WeightStore
 
 RUN = dict(iters=2, nsamples=2, seqlen=16, batch_size=2, group_size=32, device="cpu")
 
@@ -104,7 +104,7 @@ def test_weight_store_reads_copies_not_maps(tmp_path):
 def test_peak_ram_is_the_real_high_water_mark():
     """A 256 MiB allocation that is freed again stays in the peak but not in the current RSS."""
     code = (
-        "from blockquant.memory import peak_rss_bytes, current_rss_bytes\n"
+        "from blockquant.resources.memory import peak_rss_bytes, current_rss_bytes\n"
         "before = peak_rss_bytes()\n"
         "buf = bytearray(256 * 2**20)\n"
         "for i in range(0, len(buf), 4096): buf[i] = 1\n"
@@ -125,7 +125,7 @@ def test_freed_layer_sized_buffers_leave_the_resident_set():
     259 of 260 MiB on this project's machines)."""
     code = (
         "import sys, torch\n"
-        "from blockquant.memory import map_large_allocations, current_rss_bytes\n"
+        "from blockquant.resources.memory import map_large_allocations, current_rss_bytes\n"
         "mapped = sys.argv[1] == 'on' and map_large_allocations()\n"
         "warm = torch.empty(8 << 20, dtype=torch.uint8); warm.fill_(1); del warm\n"
         "base, big, small = current_rss_bytes(), [], []\n"
@@ -144,7 +144,7 @@ def test_freed_layer_sized_buffers_leave_the_resident_set():
 
 
 def test_all_finite_checks_every_chunk():
-    from blockquant.model_io import all_finite
+    from blockquant.model.model_io import all_finite
 
     t = torch.zeros(10, 7, dtype=torch.bfloat16)
     assert all_finite(t, chunk=16)
@@ -157,7 +157,7 @@ def test_all_finite_checks_every_chunk():
 
 def test_predicted_output_size_matches_the_written_checkpoint(tmp_path):
     """The free-disk check's estimate is close to what a run really writes."""
-    from blockquant.runner import predicted_output_bytes
+    from blockquant.resources.budget import predicted_output_bytes
 
     result = quantize(save(tmp_path / "model", dtype=torch.bfloat16), tmp_path / "out")
     written = sum(os.path.getsize(os.path.join(result.output_dir, f))

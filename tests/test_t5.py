@@ -5,7 +5,7 @@ that T5's first block of each stack computes and hands on are variable inputs, r
 adapter (block_outputs keeps block 0's biases in the replay state, replay_inputs passes them on).
 """
 from blockquant import api
-from blockquant.testing import AdapterKit, example_folder
+from blockquant.kit.testing import AdapterKit, example_folder
 
 
 class TestT5Kit(AdapterKit):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from blockquant.config import QuantScheme
-from blockquant.quantizers import quantize
-from blockquant.tuning import TuneResult, tune_block
+from blockquant.algorithm.quantizers import quantize
+from blockquant.algorithm.tuning import TuneResult, tune_block
 
 SCHEME = QuantScheme(bits=4, group_size=32, sym=True)
 NSAMPLES, TOKENS, HIDDEN = 16, 8, 64
@@ -119,7 +119,7 @@ def test_same_seed_same_bytes_other_seed_differs():
 def test_plain_and_chunked_layers_tune_to_the_same_bytes(monkeypatch, accumulate):
     """Small layers take the plain path (fake weight kept from the forward, best parameters copied);
     forcing the memory-lean chunked path must give the same losses and bytes."""
-    import blockquant.tuned_linear as tl
+    import blockquant.algorithm.tuned_linear as tl
 
     fp = _block(seed=3)
     x, target = _data(fp)
@@ -276,8 +276,8 @@ def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch
     """Both paths of the tuned layer - memory-lean (fake weight rebuilt in the backward, a few rows at
     a time) and plain (the forward's fake weight kept for the backward) - compute the same outputs
     and gradients as plain autograd through ``fake_quantize`` + ``F.linear``."""
-    import blockquant.tuned_linear as tl
-    from blockquant.quantizers import fake_quantize
+    import blockquant.algorithm.tuned_linear as tl
+    from blockquant.algorithm.quantizers import fake_quantize
 
     if path == "chunked":
         monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 64 * 5)      # 48 rows -> 10 chunks, the last one short

@@ -1,6 +1,6 @@
 """Multi-device placement of a FluxPipeline: text encoders and VAE first, then the transformer's device map.
 
-The pure plan is ``blockquant.dispatch_plan.plan_devices``; this module measures the pipeline's
+The pure plan is ``blockquant.resources.dispatch_plan.plan_devices``; this module measures the pipeline's
 components, applies the plan (side components moved whole) and dispatches the transformer through
 accelerate with the ``max_memory`` the plan leaves on each device.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from blockquant.dispatch_plan import DevicePlan, plan_devices
+from blockquant.resources.dispatch_plan import DevicePlan, plan_devices
 
 SIDE_COMPONENTS = ("text_encoder", "text_encoder_2", "vae")
 

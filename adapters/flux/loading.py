@@ -9,7 +9,7 @@ import os
 import torch
 
 from blockquant.errors import ModelFileError
-from blockquant.model_io import LoadedModel, WeightStore
+from blockquant.model.model_io import LoadedModel, WeightStore
 
 from .calibration import attach_pipeline
 
@@ -54,7 +54,7 @@ def load_flux_pipeline(source, settings) -> LoadedModel:
     """The ``load_model`` of the flux adapter (see the module docstring)."""
     from diffusers import FluxPipeline
 
-    from blockquant.devices import select_device
+    from blockquant.resources.devices import select_device
 
     if source.pipeline_class != PIPELINE_CLASS:
         raise ModelFileError(

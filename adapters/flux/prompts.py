@@ -80,7 +80,7 @@ def _from_tsv(path: str) -> list[str]:
 
 
 def _from_jsonl(path: str) -> list[str]:
-    from blockquant.calibration_data import jsonl_records
+    from blockquant.data.calibration_data import jsonl_records
 
     out = []
     for number, item in jsonl_records(path):

@@ -40,7 +40,7 @@ def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     torch.manual_seed(seed)
     config = tiny_config(kind, layers, hidden)

@@ -14,7 +14,7 @@ def build_processor():
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(512)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

@@ -2,7 +2,7 @@
 import torch
 
 from blockquant import api
-from blockquant.testing import AdapterKit, example_folder
+from blockquant.kit.testing import AdapterKit, example_folder
 
 
 class TestLlavaKit(AdapterKit):

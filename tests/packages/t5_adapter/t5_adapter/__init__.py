@@ -48,7 +48,7 @@ def patch_model(model):
 
 @hookimpl
 def calibration_batches(model, source, settings):
-    from blockquant.calibration_data import default_calibration_batches
+    from blockquant.data.calibration_data import default_calibration_batches
 
     batches = []
     for sample in default_calibration_batches(model, source, settings):
@@ -85,7 +85,7 @@ def build_example(seed: int = 0) -> ExampleModel:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3, num_heads=4,

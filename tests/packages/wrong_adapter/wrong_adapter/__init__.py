@@ -9,7 +9,7 @@ def tiny_sliding_lm(seed: int = 0) -> ExampleModel:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from blockquant.tiny import tiny_tokenizer
+    from blockquant.data.tiny import tiny_tokenizer
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -1,0 +1,228 @@
+"""The ``quant`` command.
+
+    quant [quantize] [--adapter NAME] [MODEL] [options]   quantize (MODEL omitted: the adapter's tiny example)
+    quant verify --adapter NAME [MODEL]                  replay check before a long run
+    quant adapters [--json]                              installed adapters and their status
+    quant hooks [--json]                                 the hook contract and who implements it
+
+Exit codes: 0 success, 2 usage or input errors, 1 runtime failures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ..api import quantize, verify
+from ..errors import BlockquantError, UsageError
+from ..run.report import configure_logging
+from .options import describe_options
+from .plugins import discover, get_adapter, hook_table
+
+COMMANDS = ("quantize", "verify", "adapters", "hooks")
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "sym"):
+        return True
+    if value.lower() in ("0", "false", "no", "asym"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value}")
+
+
+def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
+    p.add_argument("model", nargs="?", help="model folder or hub name (org/name); omitted: the adapter's tiny example model")
+    p.add_argument("--adapter", help="adapter name (see `quant adapters`); default: detected from config.json")
+    p.add_argument("--nsamples", type=int, default=2 if verify else 128, help="calibration samples")
+    p.add_argument("--seqlen", type=int, default=64 if verify else 2048, help="tokens per calibration sample")
+    p.add_argument("--dataset", help="calibration data: a .txt/.jsonl/.parquet file or a hub dataset name "
+                                     "(default: an offline corpus of Python docstrings)")
+    p.add_argument("--images", help="image+text calibration: a folder of images with captions or a .jsonl of {image, text}")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--to_quant_block_names", help="block lists to quantize, comma-separated (overrides the adapter)")
+    p.add_argument("--variable_inputs", choices=("rebuild", "cache"),
+                   help="inputs that vary between blocks: rebuild them (adapter) or cache them per block (more RAM)")
+    p.add_argument("--include_groups", default="", metavar="NAME[,NAME]",
+                   help="optional block groups the adapter offers to quantize too (e.g. vision)")
+    p.add_argument("--quant_vision", action="store_true", help="same as --include_groups vision")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an adapter option, repeatable (`quant adapters --options NAME` lists an adapter's options)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
+
+
+def _options_epilog() -> str:
+    """The adapters' options, for ``quant quantize --help``."""
+    lines = ["adapter options (--set KEY=VALUE):"]
+    for e in discover().values():
+        rows = describe_options(e.info.options) if e.info else []
+        for name, tp, default, text in rows:
+            lines.append(f"  {e.name}: {name} ({tp}, default {default})  {text}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quant", description="Block-by-block AutoRound weight quantization.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    epilog = _options_epilog() if with_options else None
+    q = sub.add_parser("quantize", help="quantize a model (the default command)", epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(q)
+    q.add_argument("--scheme", help="W2A16, W3A16, W4A16 (default) or W8A16")
+    q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (overrides --scheme)")
+    q.add_argument("--group_size", type=int, help="inputs per scale: -1 (per channel), 32, 64, 128 ...")
+    q.add_argument("--sym", type=_bool, default=None, help="symmetric (true) or asymmetric (false) quantization")
+    q.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization")
+    q.add_argument("--iters", type=int, default=200, help="AutoRound iterations per block; 0 = RTN")
+    q.add_argument("--lr", type=float, help="SignSGD learning rate (default 1/iters)")
+    q.add_argument("--minmax_lr", type=float, help="learning rate of the clipping scales (default lr)")
+    q.add_argument("--batch_size", type=int, default=8, help="samples per tuning step")
+    q.add_argument("--gradient_accumulate_steps", type=int, default=1)
+    q.add_argument("--disable_amp", dest="amp", action="store_false",
+                   help="tune in full precision (default: bf16 autocast on CPUs with native bf16 and on CUDA)")
+    q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
+    q.add_argument("--cache_device", help="where the calibration cache lives: cpu or cuda[:N] (default: --device)")
+    q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
+    q.add_argument("--format", default="auto_round", choices=("auto_round", "auto_gptq", "fake"),
+                   help="output format (fake: quantize in memory, write nothing)")
+    q.add_argument("--output_dir", "-o", help="output folder (default: MODEL-w{bits}g{group}-{format} here)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")
+    q.add_argument("--max_shard_size", default="2GB", help="largest output shard (e.g. 500MB, 2GB)")
+    v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(v, verify=True)
+    a = sub.add_parser("adapters", help="list installed adapters")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--options", metavar="NAME", help="describe the options of adapter NAME")
+    h = sub.add_parser("hooks", help="the hook contract: signatures and implementing adapters")
+    h.add_argument("--json", action="store_true")
+    return parser
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise UsageError(f"--max_shard_size {text} is not a size; use e.g. 500MB or 2GB") from None
+
+
+def _settings_kwargs(args) -> dict:
+    keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
+            "quant_vision", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
+            "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
+            "output_dir", "overwrite", "fresh")
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if hasattr(args, "ignore_layers"):
+        out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)
+    if getattr(args, "include_groups", ""):
+        out["include_groups"] = tuple(g.strip() for g in args.include_groups.split(",") if g.strip())
+    options = {}
+    for item in getattr(args, "options", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()    # parsed by the adapter's option types
+    out["options"] = options
+    if hasattr(args, "max_shard_size"):
+        out["max_shard_size"] = _size(args.max_shard_size)
+    return out
+
+
+def cmd_adapters(args) -> int:
+    entries = discover()
+    if args.options:
+        return _print_options(get_adapter(args.options, entries))
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries.values()], indent=2))
+        return 0
+    for e in entries.values():
+        print(f"{e.name:<12} {e.status:<7} {e.distribution} {e.version}  ({e.value})")
+        if e.error:
+            print(f"    error: {e.error}")
+            continue
+        info = e.info
+        handles = ", ".join(list(info.model_types) + list(info.architectures) + list(info.pipelines)) or "-"
+        print(f"    handles:  {handles}")
+        if info.requires:
+            print(f"    requires: {', '.join(f'{k}{v}' for k, v in info.requires.items())}")
+        print(f"    hooks:    {', '.join(e.hooks)}")
+        if info.options is not None:
+            print(f"    options:  {', '.join(row[0] for row in describe_options(info.options))} "
+                  f"(quant adapters --options {e.name})")
+    return 0
+
+
+def _print_options(entry) -> int:
+    rows = describe_options(entry.info.options)
+    if not rows:
+        print(f"adapter '{entry.name}' has no options")
+        return 0
+    print(f"options of adapter '{entry.name}' (--set KEY=VALUE, or blockquant.quantize(..., KEY=VALUE)):")
+    for name, tp, default, text in rows:
+        print(f"  {name:<24} {tp:<16} default {default:<10} {text}")
+    return 0
+
+
+def cmd_hooks(args) -> int:
+    rows = hook_table(discover())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        flag = " [firstresult]" if row["firstresult"] else ""
+        print(f"{row['signature']}{flag}\n    {row['summary']}\n    implemented by: {', '.join(row['implemented_by']) or '-'}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    result = quantize(args.model, args.adapter, **_settings_kwargs(args))
+    if result.output_dir:
+        print(result.output_dir)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    report = verify(args.model, args.adapter, **_settings_kwargs(args))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def one_line(message: str) -> str:
+    """An error message on one line (messages quoting other libraries' exceptions may hold newlines)."""
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["quantize"] + argv
+    parser = build_parser(with_options=bool({"-h", "--help"} & set(argv[1:])))
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    handlers = {"quantize": cmd_quantize, "verify": cmd_verify, "adapters": cmd_adapters, "hooks": cmd_hooks}
+    try:
+        return handlers[args.command](args)
+    except BlockquantError as e:
+        if getattr(args, "verbose", False):
+            logging.getLogger("blockquant").exception("details")
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Steps 6-8 of a run: calibration batches, ``pre_cache``, variable-input detection, capture."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..data.calibration_data import CalibrationSource
+from ..errors import DataError
+from ..resources import devices
+from ..resources.memory import human_bytes
+from .capture import Calibration, capture, detect, stream_keys_from_output
+from .context import Run
+from .store import GroupStore
+
+log = logging.getLogger("blockquant")
+
+
+def capture_inputs(run: Run) -> None:
+    """Steps 6-8: calibration batches, pre_cache, variable-input detection, capture."""
+    s, t0 = run.settings, time.time()
+    processor = run.loaded.processor
+    source = CalibrationSource(spec=s.dataset, tokenizer=getattr(processor, "tokenizer", processor),
+                               processor=processor, images=s.images)
+    batches = run.hooks.calibration_batches(model=run.model, source=source, settings=s)
+    if not batches:
+        raise DataError("the calibration data produced no batches; pass --dataset with text (a .txt/.jsonl/.parquet file)")
+    run.batches = batches
+    calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
+    run.hooks.pre_cache(model=run.model, calibration=calibration)
+    all_blocks = [b for chain in run.groups for b in chain]
+    forward = lambda batch: run_batch(run, batch)  # noqa: E731
+    try:
+        with run.loader.during_forward(all_blocks), torch.no_grad():
+            detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.hooks.block_outputs),
+                               run.traits.stop_after_capture, calibration)
+            calibration.take_pending()
+            cache_keys = _cache_policy(run, detection)
+            run.stores = [GroupStore(stream_keys=detection.stream_keys[g], fixed_shared=run.traits.shared_keys)
+                          for g in range(len(run.groups))]
+            capture(run.groups, batches, forward, calibration, run.stores, cache_keys, run.traits, run.cache_device)
+    finally:
+        calibration.close()
+    run.capture_seconds = time.time() - t0
+    for g, store in enumerate(run.stores):
+        sizes = store.nbytes()
+        log.info("group %d (%s): %d samples captured, store %s (streams %s, shared %s, per-sample %s, per-block %s)",
+                 g, "+".join(dict.fromkeys(b.ref.path for b in run.groups[g])), len(store), human_bytes(sizes["total"]),
+                 human_bytes(sizes["streams"]), human_bytes(sizes["shared"]), human_bytes(sizes["per_sample"]), human_bytes(sizes["per_block"]))
+
+
+def run_batch(run: Run, batch) -> None:
+    """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
+    try:
+        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+    except torch.cuda.OutOfMemoryError:
+        log.warning("CUDA out of memory during a calibration forward; retrying this batch on the CPU")
+        devices.fall_back_to_cpu(run)
+        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+
+
+def _cache_policy(run: Run, detection) -> list[set[str]]:
+    out = []
+    for g, variable in enumerate(detection.variable):
+        rebuilt = set(run.traits.rebuilt_keys) if run.traits.variable_inputs == "rebuild" else set()
+        cached = variable - rebuilt
+        if variable:
+            log.info("group %d: inputs that vary between blocks: %s", g, ", ".join(sorted(variable)))
+        if cached:
+            log.warning("group %d: caching %s per block (RAM grows with blocks x samples); an adapter's "
+                        "replay_inputs can rebuild them instead", g, ", ".join(sorted(cached)))
+        out.append(cached)
+    return out

@@ -1,0 +1,164 @@
+"""The block loop (data flow step 9): for each block of each group,
+fp targets -> tune (AutoRound) or RTN -> quantized outputs feed the next block -> pack -> write -> free.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..algorithm.tuning import tune_block
+from ..export.formats import layer_tensors
+from ..resources import devices
+from ..model.blocks import Block, choose_layers
+from ..errors import BlockquantError
+from ..model.model_io import all_finite
+from .replay import Replayer, stream_loss
+from .report import BlockRecord
+from .resume import restore_result
+from .store import to_device
+from ..model.streaming import free_memory
+
+log = logging.getLogger("blockquant")
+
+
+@dataclass
+class LoopResult:
+    blocks: list[BlockRecord] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    tuning_seconds: float = 0.0
+
+
+def block_tensors(block: Block, dtypes: dict[str, torch.dtype], quantized: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a finished block: packed layers + everything else in its source dtype."""
+    out: dict[str, torch.Tensor] = {}
+    skip = set()
+    prefix = block.ref.name
+    for name, qw in quantized.items():
+        local = name[len(prefix) + 1:]
+        layer = block.module.get_submodule(local)
+        bias = layer.bias.detach().cpu() if layer.bias is not None else None
+        out.update(layer_tensors(name, qw, bias, fmt))
+        skip.update({f"{local}.weight", f"{local}.bias"})
+    for local, tensor in block.module.state_dict().items():
+        if local in skip:
+            continue
+        out[f"{prefix}.{local}"] = tensor.detach().to("cpu", dtypes.get(local, tensor.dtype)).contiguous()
+    return out
+
+
+class BlockLoop:
+    """Runs step 9 over every group; ``ctx`` is the prepared run (see run.context.Run)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.s = ctx.settings
+        self.result = LoopResult()
+        if ctx.resume:
+            restore_result(ctx.resume.saved, self.result)
+
+    def run(self) -> LoopResult:
+        ctx = self.ctx
+        for g, chain in enumerate(ctx.groups):
+            store = ctx.stores[g]
+            replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
+            n = len(store)
+            state = ctx.resume.restore_group(g, n) if ctx.resume else None
+            if state is None:
+                streams = [dict(s) for s in store.streams]
+                state = {"position": 0, "fp": streams, "quant": streams,
+                         "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
+            for block in chain[state["position"]:]:
+                try:
+                    self._one_block(block, replayer, state)
+                except torch.cuda.OutOfMemoryError:
+                    log.warning("CUDA out of memory in block %s: continuing on the CPU (lower --batch_size or "
+                                "use --cache_device cpu to stay on the GPU)", block.ref.name)
+                    devices.fall_back_to_cpu(ctx)
+                    ctx.loader.release(block)   # streamed: the retry reads the original weights again
+                    replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
+                    self._one_block(block, replayer, state)
+                state["position"] = block.ref.position + 1
+                if ctx.resume:
+                    ctx.resume.block_done(block, g, state, ctx.writer, self.result)
+                ctx.check_interrupt()
+        return self.result
+
+    def _one_block(self, block: Block, replayer: Replayer, state: dict) -> None:
+        ctx, s = self.ctx, self.s
+        start = time.time()
+        ctx.loader.load(block)
+        dtypes = {k: v.dtype for k, v in block.module.state_dict().items()}
+        dispatched = devices.place_block(block.module, ctx.device, ctx.compute_dtype, s.device_map)
+        for p in block.module.parameters():
+            p.requires_grad_(False)
+        choice = choose_layers(block, s.scheme, ctx.traits.fp_layers, s.ignore_layers)
+        self.result.kept.update(choice.kept)
+        tune = s.iters > 0 and bool(choice.quantize)
+        batch = s.batch_size
+        with torch.no_grad():
+            targets = replayer.run(block, state["fp"], state["fp_states"], "fp", batch=batch) if tune else None
+        record = BlockRecord(block.ref.name, layers=len(choice.quantize))
+        quantized = {}
+        if choice.quantize:
+            def loss_fn(indices):
+                ctx.check_interrupt(abandon=True)
+                outs = replayer.run(block, state["quant"], state["quant_states"], "quant", indices, batch=len(indices))
+                return stream_loss(outs, [targets[i] for i in indices])
+
+            t0 = time.time()
+            with ctx.autocast():
+                result = tune_block(
+                    choice.quantize, s.scheme, loss_fn, len(state["quant"]), iters=s.iters, lr=s.effective_lr,
+                    minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
+                    gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                )
+            self.result.tuning_seconds += time.time() - t0
+            quantized = result.weights
+            record.first_loss, record.best_loss, record.best_iter = result.first_loss, result.best_loss, result.best_iter
+            record.rtn_fallback = result.fell_back_to_rtn
+            self.result.quantized.extend(choice.quantize)
+        with torch.no_grad():
+            outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
+        if not all(_finite(o) for o in outputs):
+            raise BlockquantError(
+                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
+                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
+        cache = ctx.cache_device
+        state["quant"] = [to_device(o, cache) for o in outputs]
+        if targets is not None:
+            state["fp"] = [to_device(t, cache) for t in targets]
+        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
+            state["fp"] = state["quant"]
+            state["fp_states"] = [dict(s) for s in state["quant_states"]]
+        if ctx.writer is not None:
+            ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
+            ctx.writer.flush()
+        if dispatched:
+            devices.unplace_block(block.module, ctx.hooks, ctx.model)
+        if ctx.keep_blocks:
+            block.module.to(dtype=ctx.model_dtype)
+        else:
+            ctx.loader.release(block)
+        free_memory()
+        record.seconds = time.time() - start
+        self.result.blocks.append(record)
+        ctx.progress.block_done(block.ref.name, **_progress_info(record))
+
+
+def _finite(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or all_finite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _progress_info(record: BlockRecord) -> dict:
+    return {"layers": record.layers, "first_loss": record.first_loss, "best_loss": record.best_loss,
+            "seconds": record.seconds, "rtn": record.rtn_fallback}

@@ -1,0 +1,132 @@
+"""Replay: run one block on captured samples, as the model's own forward would have run it.
+
+Used for fp targets, for tuning's loss, for the quantized stream, and by ``quant verify``.  A
+sample's kwargs are its first-block kwargs + per-block cached kwargs + the current streams, then
+whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
+their kwargs allow it (tensors with a leading dim of one row and equal shapes; everything else the
+same object), otherwise they run one by one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..model.blocks import Block
+from .store import GroupStore
+
+
+def cast(value: Any, device, dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and dtype is not None:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(cast(v, device, dtype) for v in value)
+    if isinstance(value, list):
+        return [cast(v, device, dtype) for v in value]
+    if type(value) is dict:
+        return {k: cast(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def _collate(values: list[Any]) -> tuple[bool, Any]:
+    first = values[0]
+    if all(v is first for v in values):
+        return True, first
+    if all(isinstance(v, torch.Tensor) for v in values):
+        if first.dim() > 0 and first.shape[0] == 1 and all(v.shape == first.shape for v in values):
+            return True, torch.cat(values, dim=0)
+        return False, None
+    if all(isinstance(v, tuple) for v in values) and len({len(v) for v in values}) == 1:
+        parts = [_collate([v[i] for v in values]) for i in range(len(first))]
+        return all(ok for ok, _ in parts), tuple(p for _, p in parts)
+    return False, None
+
+
+def collate(samples: list[dict]) -> dict | None:
+    keys = set(samples[0])
+    if any(set(s) != keys for s in samples):
+        return None
+    out = {}
+    for key in keys:
+        ok, value = _collate([s[key] for s in samples])
+        if not ok:
+            return None
+        out[key] = value
+    return out
+
+
+def split_output(output: Any, rows: list[int]) -> list[Any]:
+    total = sum(rows)
+    if isinstance(output, torch.Tensor):
+        if output.dim() > 0 and output.shape[0] == total:
+            return list(torch.split(output, rows, dim=0))
+        return [output] * len(rows)
+    if isinstance(output, (tuple, list)):
+        parts = [split_output(o, rows) for o in output]
+        return [type(output)(p[i] for p in parts) if isinstance(output, tuple) else [p[i] for p in parts]
+                for i in range(len(rows))]
+    return [output] * len(rows)
+
+
+class Replayer:
+    """Runs blocks of one group on its captured samples."""
+
+    def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None):
+        self.hook = hook            # the plugin manager's hook relay
+        self.store = store
+        self.device = device
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.collatable: dict[int, bool] = {}   # block number -> did collation work
+
+    def sample_kwargs(self, block: Block, i: int, streams: dict, state: dict, stream: str):
+        kwargs = self.store.kwargs(i)
+        kwargs.update(self.store.block_kwargs(block.ref.position, i))
+        kwargs.update(streams)
+        cached = self.store.sample_inputs(i, state, stream)
+        rebuilt = self.hook.replay_inputs(block=block.module, index=block.ref, cached=cached)
+        if rebuilt:
+            kwargs.update(rebuilt)
+        return cast(kwargs, self.device, self.dtype), cached
+
+    def run(self, block: Block, streams: list[dict], states: list[dict], stream: str,
+            indices: list[int] | None = None, batch: int = 1) -> list[dict]:
+        """Run ``block`` on samples ``indices``; returns each sample's output streams (block_outputs)."""
+        indices = list(range(len(streams))) if indices is None else indices
+        if self.max_batch:
+            batch = min(batch, self.max_batch)
+        results: list[dict] = []
+        for start in range(0, len(indices), max(batch, 1)):
+            chunk = indices[start:start + max(batch, 1)]
+            prepared = [self.sample_kwargs(block, i, streams[i], states[i], stream) for i in chunk]
+            results.extend(self._forward(block, prepared))
+        return results
+
+    def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
+        joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(block.ref.number, True) else None
+        if joined is None:
+            if len(prepared) > 1:
+                self.collatable[block.ref.number] = False
+            return [self._outputs(block, block.module(**kw), kw, cached) for kw, cached in prepared]
+        rows = [1] * len(prepared)   # collation only joins one-row samples
+        output = block.module(**joined)
+        pieces = split_output(output, rows)
+        return [self._outputs(block, piece, kw, cached) for piece, (kw, cached) in zip(pieces, prepared)]
+
+    def _outputs(self, block: Block, output: Any, kwargs: dict, cached) -> dict:
+        streams = self.hook.block_outputs(block=block.module, index=block.ref, output=output, inputs=kwargs, cached=cached)
+        return streams
+
+
+def stream_loss(outputs: list[dict], targets: list[dict]) -> torch.Tensor:
+    """Mean squared error over every stream of every sample (the tuning loss)."""
+    total, count = None, 0
+    for out, target in zip(outputs, targets):
+        for key, value in out.items():
+            ref = target[key].to(value.device, value.dtype)
+            loss = torch.nn.functional.mse_loss(value.float(), ref.float(), reduction="sum")
+            total = loss if total is None else total + loss
+            count += value.numel()
+    return total / max(count, 1)

@@ -1,0 +1,253 @@
+"""The run report (what was quantized, how well, how long, how much memory) and per-block progress.
+
+``compress_names`` folds numbered module names into ranges so that a report on a model with
+thousands of layers stays short: ``model.layers.[0-26].mlp.down_proj``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..resources.memory import human_bytes, peak_rss_bytes, peak_vram_bytes
+
+LOGGER_NAME = "blockquant"
+
+
+# ----------------------------------------------------------------------------- name compression
+
+def format_ranges(numbers) -> str:
+    """Sorted integers as ranges: {3} -> "3", {0, 1, 2, 5, 7, 8} -> "[0-2,5,7-8]"."""
+    values = sorted(set(numbers))
+    runs: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return runs[0] if len(values) == 1 else "[" + ",".join(runs) + "]"
+
+
+def _is_index(part: str) -> bool:
+    """A plain ASCII decimal without leading zeros (so that folding it back gives the same text)."""
+    return part.isascii() and part.isdigit() and (part == "0" or not part.startswith("0"))
+
+
+def compress_names(names: list[str]) -> list[str]:
+    """Fold names that differ only in numeric dot-separated parts into ranges.
+
+    ``["a.0.b", "a.1.b", "a.2.b", "a.5.b"]`` -> ``["a.[0-2,5].b"]``.  Positions are merged one at a
+    time from the last to the first, so ``layers.{0,1}.experts.{0..7}.w1`` becomes
+    ``layers.[0-1].experts.[0-7].w1``.  Output order follows each pattern's first name.
+    """
+    patterns: list[tuple] = []
+    seen = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        patterns.append(tuple(frozenset([int(p)]) if _is_index(p) else p for p in name.split(".")))
+    width = max((len(p) for p in patterns), default=0)
+    changed = True
+    while changed:
+        changed = False
+        for pos in range(width - 1, -1, -1):
+            merged: dict[tuple, list] = {}
+            for pat in patterns:
+                if pos < len(pat) and isinstance(pat[pos], frozenset):
+                    key = (len(pat), pos, pat[:pos], pat[pos + 1:])
+                else:
+                    key = (pat,)
+                merged.setdefault(key, []).append(pat)
+            if len(merged) < len(patterns):
+                changed = True
+                patterns = [group[0] if len(group) == 1 else
+                            group[0][:pos] + (frozenset().union(*(g[pos] for g in group)),) + group[0][pos + 1:]
+                            for group in merged.values()]
+    return [".".join(format_ranges(p) if isinstance(p, frozenset) else p for p in pat) for pat in patterns]
+
+
+# ----------------------------------------------------------------------------- the report
+
+def format_duration(seconds: float | None) -> str:
+    """h:mm:ss ("0:01:20"); "-" for None."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@dataclass
+class BlockRecord:
+    """One quantized block: how many layers, the tuning loss (first and best) and its time."""
+
+    name: str
+    layers: int = 0
+    first_loss: float | None = None
+    best_loss: float | None = None
+    best_iter: int | None = None
+    seconds: float = 0.0
+    rtn_fallback: bool = False      # tuning made things worse (or was skipped): RTN weights were kept
+
+
+@dataclass
+class RunReport:
+    """Everything a run reports; ``render()`` for people, ``to_json()`` for files and tools."""
+
+    model: str = ""
+    adapter: str = ""
+    scheme: str = ""                # e.g. "W4A16 (bits 4, group_size 128, sym)"
+    format: str = ""
+    output_dir: str = ""
+    settings: dict = field(default_factory=dict)     # iters, nsamples, seqlen, ...
+    data: str = ""                  # calibration_data.describe_samples(...)
+    wall_seconds: float | None = None
+    capture_seconds: float | None = None
+    tuning_seconds: float | None = None
+    peak_ram_bytes: int | None = None
+    peak_vram_bytes: dict[str, int] = field(default_factory=dict)
+    blocks: list[BlockRecord] = field(default_factory=list)
+    quantized_layers: list[str] = field(default_factory=list)
+    fp_layers: dict[str, str] = field(default_factory=dict)   # layer name -> why it stays in full precision
+    notes: list[str] = field(default_factory=list)
+
+    def add_block(self, name: str, **info) -> BlockRecord:
+        """Record one finished block; ``info`` holds BlockRecord fields."""
+        record = BlockRecord(name=name, **info)
+        self.blocks.append(record)
+        return record
+
+    def add_quantized(self, names) -> None:
+        self.quantized_layers.extend(names)
+
+    def keep_fp(self, name: str, reason: str) -> None:
+        """Note that layer ``name`` stays in full precision, and why."""
+        self.fp_layers[name] = reason
+
+    def measure_memory(self) -> None:
+        """Fill the peak RAM and VRAM fields from the process's high-water marks."""
+        self.peak_ram_bytes = peak_rss_bytes()
+        self.peak_vram_bytes = peak_vram_bytes()
+
+    def to_json(self) -> dict:
+        """A JSON-serializable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunReport":
+        values = dict(data)
+        values["blocks"] = [BlockRecord(**b) for b in values.get("blocks", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def render(self) -> str:
+        """A readable multi-line text report."""
+        lines = ["blockquant run report"]
+
+        def row(label: str, value) -> None:
+            if value not in (None, "", {}, []):
+                lines.append(f"  {label:<12} {value}")
+
+        row("model", self.model + (f" (adapter {self.adapter})" if self.adapter else ""))
+        row("scheme", self.scheme)
+        row("format", self.format)
+        row("output", self.output_dir)
+        row("settings", "  ".join(f"{k} {v}" for k, v in self.settings.items()))
+        row("data", self.data)
+        row("time", "  ".join(f"{label} {format_duration(value)}" for label, value in (
+            ("wall", self.wall_seconds), ("capture", self.capture_seconds), ("tuning", self.tuning_seconds))
+            if value is not None))
+        row("peak RAM", None if self.peak_ram_bytes is None else human_bytes(self.peak_ram_bytes))
+        row("peak VRAM", "  ".join(f"{d} {human_bytes(n)}" for d, n in self.peak_vram_bytes.items()))
+        fallbacks = sum(b.rtn_fallback for b in self.blocks)
+        row("blocks", f"{len(self.blocks)} quantized" + (f" ({fallbacks} kept RTN)" if fallbacks else ""))
+        row("layers", f"{len(self.quantized_layers)} quantized, {len(self.fp_layers)} kept in full precision")
+        if self.blocks:
+            lines += ["", "blocks"]
+            width = max(len("block"), *(len(b.name) for b in self.blocks))
+            lines.append(f"  {'block':<{width}}  layers  first loss   best loss  best iter     time")
+            for b in self.blocks:
+                best_iter = "-" if b.best_iter is None else str(b.best_iter)
+                lines.append(f"  {b.name:<{width}}  {b.layers:>6}  {_loss(b.first_loss):>10}  {_loss(b.best_loss):>10}"
+                             f"  {best_iter:>9}  {b.seconds:>6.1f}s" + ("  RTN" if b.rtn_fallback else ""))
+        if self.quantized_layers:
+            lines += ["", "quantized layers"] + [f"  {n}" for n in compress_names(self.quantized_layers)]
+        if self.fp_layers:
+            lines += ["", "kept in full precision"]
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in self.fp_layers.items():
+                by_reason.setdefault(reason, []).append(name)
+            for reason, names in by_reason.items():
+                lines += [f"  {n}  ({reason})" for n in compress_names(names)]
+        if self.notes:
+            lines += ["", "notes"] + [f"  {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- progress
+
+def configure_logging(verbose: bool = False, stream=None) -> logging.Logger:
+    """Send the "blockquant" logger's INFO (DEBUG when verbose) lines to stderr, once."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "_blockquant", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._blockquant = True
+        logger.addHandler(handler)
+    return logger
+
+
+class Progress:
+    """One log line per finished block with elapsed time and ETA.
+
+    ``log`` is a ``logging.Logger`` (default: the "blockquant" logger) or any callable taking a
+    string.  ``done`` counts blocks finished before this run (a resumed run); the ETA uses only the
+    pace of blocks finished by this process.
+    """
+
+    def __init__(self, total_blocks: int, log: logging.Logger | Callable[[str], Any] | None = None,
+                 done: int = 0, clock: Callable[[], float] = time.monotonic):
+        self.total = total_blocks
+        self.done = self.resumed = done
+        self.clock = clock
+        self.start = clock()
+        self.log = log if log is not None else logging.getLogger(LOGGER_NAME)
+
+    def block_done(self, name: str, **info) -> str:
+        """Count one block as done and log its line; returns the line.
+
+        Recognised ``info``: first_loss, best_loss, seconds, rtn (bool); others are appended as
+        ``key value``.
+        """
+        self.done += 1
+        elapsed = self.clock() - self.start
+        pace = elapsed / max(1, self.done - self.resumed)
+        eta = pace * max(0, self.total - self.done)
+        width = len(str(self.total))
+        parts = [f"[{self.done:>{width}}/{self.total}] {name}"]
+        first, best, seconds = info.pop("first_loss", None), info.pop("best_loss", None), info.pop("seconds", None)
+        if info.pop("rtn", False):
+            parts.append("rtn")
+        if first is not None or best is not None:
+            parts.append(f"loss {_loss(first)} -> {_loss(best)}")
+        if seconds is not None:
+            parts.append(f"{seconds:.1f}s")
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()]
+        parts += [f"elapsed {format_duration(elapsed)}", f"eta {format_duration(eta)}"]
+        line = "  ".join(parts)
+        if isinstance(self.log, logging.Logger):
+            self.log.info(line)
+        else:
+            self.log(line)
+        return line
