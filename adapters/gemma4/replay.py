@@ -20,6 +20,7 @@ from .model import text_model
 
 EXTRAS_KEY = "gemma4.rebuild"      # extras: {"ple_ids", "attention_mask", "mm_token_type_ids"}
 STATE_KEY = "gemma4.shared_kv"     # cached.state: {store key: (keys, values)}
+CACHE_KEYS = {"past_key_values", "cache"}          # the layer's cache argument (renamed "cache" in 5.24)
 REBUILT_KEYS = ("per_layer_input", "position_embeddings", "attention_mask", "shared_kv_states")
 # Layers that neither store nor read shared KV get this one read-only empty mapping: the same object
 # for every sample keeps their replay collatable into mini-batches.
@@ -93,7 +94,9 @@ def rebuild(block: torch.nn.Module, cached, strategy, inner: torch.nn.Module, on
     state is rebuilt; the engine supplies the cached per-block values.
     """
     attn = block.self_attn
-    out: dict = {"past_key_values": None, "shared_kv_states": shared_kv(block, cached, strategy)}
+    out: dict = {"shared_kv_states": shared_kv(block, cached, strategy)}
+    for cache in CACHE_KEYS & cached.kwargs.keys():   # never a cache the replay would write into
+        out[cache] = None
     if only_shared_kv:
         return out
     extras = cached.extras.get(EXTRAS_KEY) or {}
