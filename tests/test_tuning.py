@@ -115,6 +115,24 @@ def test_same_seed_same_bytes_other_seed_differs():
     assert ra.first_loss != rc.first_loss or ra.best_loss != rc.best_loss
 
 
+@pytest.mark.parametrize("accumulate", (1, 2))
+def test_plain_and_chunked_layers_tune_to_the_same_bytes(monkeypatch, accumulate):
+    """Small layers take the plain path (fake weight kept from the forward, best parameters copied);
+    forcing the memory-lean chunked path must give the same losses and bytes."""
+    import blockquant.algorithm.tuned_linear as tl
+
+    fp = _block(seed=3)
+    x, target = _data(fp)
+    plain, chunked = copy.deepcopy(fp), copy.deepcopy(fp)
+    rp = _tune(plain, x, target, iters=15, gradient_accumulate_steps=accumulate)
+    monkeypatch.setattr(tl, "PLAIN_MAX_ELEMENTS", 0)
+    rc = _tune(chunked, x, target, iters=15, gradient_accumulate_steps=accumulate)
+    assert (rp.first_loss, rp.best_loss, rp.best_iter) == (rc.first_loss, rc.best_loss, rc.best_iter)
+    for name in rp.weights:
+        for field in ("qweight", "scale", "zero"):
+            assert torch.equal(getattr(rp.weights[name], field), getattr(rc.weights[name], field))
+
+
 def test_sample_indices_are_seeded_minibatches():
     fp = _block()
     x, target = _data(fp)
@@ -252,20 +270,25 @@ def test_tuning_on_cuda():
     assert torch.equal(tuned[0].weight, res.weights["fc1"].dequantize())
 
 
+@pytest.mark.parametrize("path", ("chunked", "plain"))
 @pytest.mark.parametrize("sym", (True, False))
-def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch, sym):
-    """The memory-lean layer (fake weight rebuilt in the backward, a few rows at a time) computes
-    the same outputs and gradients as plain autograd through ``fake_quantize`` + ``F.linear``."""
+def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch, sym, path):
+    """Both paths of the tuned layer - memory-lean (fake weight rebuilt in the backward, a few rows at
+    a time) and plain (the forward's fake weight kept for the backward) - compute the same outputs
+    and gradients as plain autograd through ``fake_quantize`` + ``F.linear``."""
     import blockquant.algorithm.tuned_linear as tl
     from blockquant.algorithm.quantizers import fake_quantize
 
-    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 64 * 5)      # 48 rows -> 10 chunks, the last one short
+    if path == "chunked":
+        monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 64 * 5)      # 48 rows -> 10 chunks, the last one short
+        monkeypatch.setattr(tl, "PLAIN_MAX_ELEMENTS", 0)
     scheme = QuantScheme(bits=4, group_size=32, sym=sym)
     torch.manual_seed(0)
     layer = nn.Linear(64, 48)
     layer.weight.data = layer.weight.data.to(torch.bfloat16).float()    # an upcast bf16 checkpoint
     original = layer.weight.detach().clone()
     st = tl.TunedLinear(layer, scheme, tune_minmax=True)
+    assert st.plain == (path == "plain")
     assert layer.weight.dtype == torch.bfloat16          # stored narrow while tuning (exact)
     with torch.no_grad():
         st.v.uniform_(-0.5, 0.5)
@@ -286,3 +309,26 @@ def test_tuned_linear_gradients_match_autograd_through_fake_quantize(monkeypatch
         torch.testing.assert_close(p.grad, ref.grad)
     st.finish(None)           # abandoned: the layer gets its original weight back, in float32
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, original)
+
+
+def test_small_block_tunes_on_one_thread_and_restores_the_count():
+    """A block whose forward is a few million multiply-adds tunes serially after the first iteration
+    (intra-op threads cost more than they save there); the caller's thread count comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fp = _block()
+        x, target = _data(fp)
+        seen = []
+        inner = _loss_fn(fp, x, target)
+
+        def loss_fn(indices):
+            seen.append(torch.get_num_threads())
+            return inner(indices)
+
+        tune_block(_layers(fp), SCHEME, loss_fn, NSAMPLES, iters=4, lr=1 / 4, minmax_lr=1 / 4, batch_size=4,
+                   gradient_accumulate_steps=1, seed=0)
+        assert seen == [2, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,12 @@ Per weight, while a block tunes: the weight in its narrowest exact dtype (2 byte
 checkpoint upcast to fp32), the fp32 rounding offset ``v`` (4) and the best iteration's codes (1).
 The fake-quantized weight is built a chunk of rows at a time in the forward, used and dropped, and
 rebuilt in the backward; no block-wide set of fake weights or gradients is ever held.
+
+Layers of at most ``PLAIN_MAX_ELEMENTS`` weights (one chunk) take a plain path instead, where the
+memory-lean machinery costs more time than it saves memory: the forward's fake-quantized weight and
+its autograd graph stay until the backward (~5 more bytes per weight while a step runs), and the best
+iteration is a copy of the parameters (4 bytes per weight for ``v``) instead of codes.  Both paths
+compute the same numbers.
 """
 from __future__ import annotations
 
@@ -18,12 +24,18 @@ from .quantizers import GroupedWeight, QuantizedWeight
 CHUNK_ELEMENTS = 2 * 2 ** 20
 # rows dequantized / RTN-quantized at a time (fewer temporaries per weight)
 DEQUANT_CHUNK_ELEMENTS = 8 * 2 ** 20
+# layers up to this many weights take the plain path: the forward's fake-quantized weight (and its
+# autograd graph, ~5 bytes per weight) is kept for the backward instead of rebuilt there, and the best
+# iteration is kept as a copy of the parameters.  Such a layer is one chunk anyway, so the plain path
+# computes the same numbers; above it, rebuilding in row chunks bounds the memory.
+PLAIN_MAX_ELEMENTS = CHUNK_ELEMENTS
 
 
 class TunedLinear:
     """Tuning state of one layer: its parameters (``v`` and the clipping factors), the best
-    iteration's codes, and the forward that replaces the layer's own while tuning.  The weight is
-    stored narrow meanwhile (``narrow``); ``finish`` writes the result back in the original dtype."""
+    iteration's codes (plain path: a copy of its parameters), and the forward that replaces the
+    layer's own while tuning.  The weight is stored narrow meanwhile (``narrow``); ``finish`` writes
+    the result back in the original dtype."""
 
     def __init__(self, layer: torch.nn.Linear, scheme: QuantScheme, tune_minmax: bool):
         if not isinstance(layer, torch.nn.Linear):
@@ -38,7 +50,14 @@ class TunedLinear:
         ones = torch.ones(w.shape[:2], dtype=torch.float32, device=w.device)
         self.min_scale = ones.clone().requires_grad_(tune_minmax)
         self.max_scale = ones.requires_grad_(tune_minmax)
-        self.best: QuantizedWeight | None = None     # None: the initial (RTN) parameters
+        self.plain = layer.weight.numel() <= PLAIN_MAX_ELEMENTS
+        if self.plain:
+            self._kept = tuple(torch.empty_like(p) for p in self.params())
+        else:
+            self._kept = QuantizedWeight(torch.empty(layer.weight.shape, dtype=torch.uint8, device=w.device),
+                                         torch.empty_like(ones), torch.empty_like(ones, dtype=torch.int32), scheme)
+        self.best: QuantizedWeight | tuple | None = None     # None: the initial (RTN) parameters
+        self.rows = 0            # the most input rows (tokens) one forward has seen
         self._saved = None
 
     # --- the replacement forward -------------------------------------------------------------
@@ -67,21 +86,32 @@ class TunedLinear:
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.v, self.min_scale, self.max_scale
 
+    @torch.no_grad()
     def remember_best(self) -> None:
-        """Keep the current parameters' codes (1 byte per weight, not a copy of ``v``)."""
-        with torch.no_grad():
-            self.best = self.grouped.quantize(*self.params())
+        """Keep the current parameters: as codes (1 byte per weight, not a copy of ``v``), or on the
+        plain path as a copy of the parameters (one copy instead of a quantization pass), in the
+        buffers allocated with the state (no long-lived allocation inside the tuning loop)."""
+        if self.plain:
+            for kept, p in zip(self._kept, self.params()):
+                kept.copy_(p)
+        else:
+            qw = self.grouped.quantize(*self.params())
+            for field in ("qweight", "scale", "zero"):
+                getattr(self._kept, field).copy_(getattr(qw, field))
+        self.best = self._kept
 
     def quantized(self, rtn: bool) -> QuantizedWeight:
         if rtn:
             return self.grouped.quantize()
-        return self.best if self.best is not None else self.grouped.quantize(*self.params())
+        if self.best is None:
+            return self.grouped.quantize(*self.params())
+        return self.grouped.quantize(*self.best) if self.plain else self.best
 
     @torch.no_grad()
     def finish(self, qw: QuantizedWeight | None) -> None:
         """Drop the tuning state and write the quantized weight into the layer in its original dtype
         (None: restore the original weight)."""
-        self.v = self.min_scale = self.max_scale = self.best = None
+        self.v = self.min_scale = self.max_scale = self.best = self._kept = None
         w = self.layer.weight
         if qw is None:
             if w.dtype != self.dtype:
@@ -123,14 +153,22 @@ class QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, v, min_scale, max_scale, st):
         device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        ctx.st, ctx.dt, ctx.plain = st, dt, None
+        st.rows = max(st.rows, x.numel() // max(x.shape[-1], 1))
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dt)
-            w = torch.empty(v.shape, dtype=dt, device=v.device)
-            for rows in row_chunks(v.shape):
-                w[rows] = st.grouped.rows(rows.start, rows.stop).fake(
-                    v[rows], min_scale[rows], max_scale[rows], dtype=dt)
+            if st.plain:
+                leaves = [p.detach().requires_grad_(n) for p, n in zip((v, min_scale, max_scale), ctx.needs_input_grad[1:4])]
+                with torch.enable_grad():
+                    part = st.grouped.fake(*leaves, dtype=torch.float32)
+                w = part.detach().to(dt)
+                ctx.plain = (part, leaves, w)
+            else:
+                w = torch.empty(v.shape, dtype=dt, device=v.device)
+                for rows in row_chunks(v.shape):
+                    w[rows] = st.grouped.rows(rows.start, rows.stop).fake(
+                        v[rows], min_scale[rows], max_scale[rows], dtype=dt)
             y = F.linear(xc, w, None if st.bias is None else st.bias.to(dt))
-        ctx.st, ctx.dt = st, dt
         ctx.save_for_backward(xc, v, min_scale, max_scale)
         return y
 
@@ -140,10 +178,20 @@ class QuantLinearFn(torch.autograd.Function):
         st, dt = ctx.st, ctx.dt
         need_x, *need = ctx.needs_input_grad[:4]
         params = (v, min_scale, max_scale)
-        grads = [torch.empty_like(p) if n else None for p, n in zip(params, need)]
+        grads = [None, None, None]
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dt)
             gy2, x2 = gy.reshape(-1, gy.shape[-1]), xc.reshape(-1, xc.shape[-1])
+            if ctx.plain is not None:
+                part, leaves, w = ctx.plain
+                ctx.plain = None
+                wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+                if wanted:
+                    gw = (gy2.t() @ x2).to(torch.float32)
+                    for i, g in zip(wanted, torch.autograd.grad(part, [leaves[i] for i in wanted], gw)):
+                        grads[i] = g
+                return (gy @ w if need_x else None), *grads, None
+            grads = [torch.empty_like(p) if n else None for p, n in zip(params, need)]
             w = torch.empty(v.shape, dtype=dt, device=v.device) if need_x else None
             for rows in row_chunks(v.shape):
                 leaves = [p[rows].detach().requires_grad_(n) for p, n in zip(params, need)]

@@ -21,6 +21,13 @@ from .quantizers import GroupedWeight, QuantizedWeight
 from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, TunedLinear, row_chunks, write_dequantized
 
 
+# Up to this many multiply-adds per forward of the tuned layers (rows of input x weights), a block's
+# ops are too small for intra-op threads to pay off (each parallel op synchronizes the threads; on a
+# busy machine a descheduled thread stalls every op): such blocks tune on one CPU thread.  The
+# decision depends only on shapes, so it is the same on every run.
+SERIAL_MAX_WORK = 2 ** 26
+
+
 @dataclass
 class TuneResult:
     """What tuning one block produced.  Losses are per iteration: the sum over its accumulation
@@ -119,6 +126,7 @@ class _Run:
         self.bounds: dict[int, tuple[float, float, float]] = {}   # id(param) -> (lr, low, high)
         self.factor: float | None = None     # this iteration's lr factor; None: no step
         self._perm: list[int] = []
+        self._threads: int | None = None     # the thread count to restore after a serial run
 
     def _indices(self) -> list[int]:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
@@ -141,7 +149,10 @@ class _Run:
                 st.install()
             if self.accumulate == 1:      # step each parameter as soon as its gradient is complete
                 hooks = [p.register_post_accumulate_grad_hook(self._step_now) for p in vs + scales]
-            with torch.enable_grad():
+            # one allocator switch for the whole loop: the steps' temporaries are freed before the
+            # next step reallocates them at the same sizes, and nothing long-lived is allocated
+            # inside (the best iteration goes into buffers allocated at the first one)
+            with torch.enable_grad(), heap_for_temporaries():
                 for it in range(iters):
                     self._perm = []          # each iteration draws a fresh permutation
                     # linear decay; no step after the last iteration (its result would never be evaluated)
@@ -152,10 +163,13 @@ class _Run:
                         return first, None, None, it, True
                     if it == 0:
                         first = loss
+                        self._fit_threads()
                     if self.accumulate > 1:
                         for p in vs + scales:
                             self._step_now(p)
         finally:
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
             for h in hooks:
                 h.remove()
             for st in reversed(self.states):      # reverse: a module listed twice ends up clean
@@ -164,6 +178,13 @@ class _Run:
             trim_heap()           # what the iterations' temporaries left in the heap
         return first, self.best_loss, self.best_iter, iters, False
 
+    def _fit_threads(self) -> None:
+        """After the first iteration (which showed the input rows): one thread for a small CPU block."""
+        work = sum(st.rows * st.v.numel() for st in self.states)
+        if self.states[0].v.device.type == "cpu" and work <= SERIAL_MAX_WORK and torch.get_num_threads() > 1:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
     def _iteration(self, it: int) -> float | None:
         """Forward and backward over the accumulation steps; None when a loss is NaN or Inf.
 
@@ -171,8 +192,7 @@ class _Run:
         after the forward (the backward's hooks step); with several, after the last backward."""
         total = 0.0
         for _ in range(self.accumulate):
-            with heap_for_temporaries():
-                loss = self.loss_fn(self._indices())
+            loss = self.loss_fn(self._indices())
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar tensor")
             value = float(loss.detach())
@@ -185,9 +205,8 @@ class _Run:
                 self._note(it, total)
                 if self.factor is None:
                     return total
-            with heap_for_temporaries():
-                (loss / self.accumulate).backward()
-                del loss
+            (loss / self.accumulate).backward()
+            del loss
         if self.accumulate > 1:
             self._note(it, total)
         return total
@@ -204,7 +223,7 @@ class _Run:
         gradient is dropped (post-accumulate-grad hook, or after the accumulation steps)."""
         lr, low, high = self.bounds[id(p)]
         if self.factor is not None and p.grad is not None and lr != 0:
-            p.add_(p.grad.sign(), alpha=-lr * self.factor).clamp_(low, high)
+            p.add_(p.grad.sign_(), alpha=-lr * self.factor).clamp_(low, high)
         p.grad = None
 
 
