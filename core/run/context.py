@@ -48,6 +48,7 @@ class Run:
     capture_seconds: float = 0.0
     batches: list = field(default_factory=list)
     tmpdir: Any = None
+    dp: Any = None          # resources.distributed.DataParallel under torchrun (several ranks), else None
 
     @property
     def model(self):

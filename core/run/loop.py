@@ -15,7 +15,7 @@ from ..resources import devices
 from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
 from ..model.model_io import all_finite
-from .replay import Replayer, stream_loss
+from .replay import Replayer, stream_loss, stream_sse
 from .report import BlockRecord
 from .resume import restore_result
 from .store import to_device
@@ -68,13 +68,16 @@ class BlockLoop:
             n = len(store)
             state = ctx.resume.restore_group(g, n) if ctx.resume else None
             if state is None:
-                streams = [dict(s) for s in store.streams]
+                streams = [None if s is None else dict(s) for s in store.streams]   # None: another rank's
                 state = {"position": 0, "fp": streams, "quant": streams,
                          "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
             for block in chain[state["position"]:]:
                 try:
                     self._one_block(block, replayer, state)
                 except torch.cuda.OutOfMemoryError:
+                    if ctx.dp is not None:     # the ranks must stay on one kind of device
+                        raise BlockquantError(f"CUDA out of memory in block {block.ref.name} on rank {ctx.dp.rank}; "
+                                              "lower --batch_size or use --cache_device cpu") from None
                     log.warning("CUDA out of memory in block %s: continuing on the CPU (lower --batch_size or "
                                 "use --cache_device cpu to stay on the GPU)", block.ref.name)
                     devices.fall_back_to_cpu(ctx)
@@ -107,7 +110,8 @@ class BlockLoop:
             def loss_fn(indices):
                 ctx.check_interrupt(abandon=True)
                 outs = replayer.run(block, state["quant"], state["quant_states"], "quant", indices, batch=len(indices))
-                return stream_loss(outs, [targets[i] for i in indices])
+                wanted = [targets[i] for i in indices]
+                return ctx.dp.mean_loss(*stream_sse(outs, wanted)) if ctx.dp else stream_loss(outs, wanted)
 
             t0 = time.time()
             with ctx.autocast():
@@ -115,6 +119,7 @@ class BlockLoop:
                     choice.quantize, s.scheme, loss_fn, len(state["quant"]), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                    reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
                 )
             self.result.tuning_seconds += time.time() - t0
             quantized = result.weights
@@ -123,7 +128,8 @@ class BlockLoop:
             self.result.quantized.extend(choice.quantize)
         with torch.no_grad():
             outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
-        if not all(_finite(o) for o in outputs):
+        finite = all(_finite(o) for o in outputs)
+        if not (ctx.dp.all_true(finite) if ctx.dp else finite):
             raise BlockquantError(
                 f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
                 f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")

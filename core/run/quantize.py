@@ -16,6 +16,7 @@ from ..export import checkpoint
 from ..export.formats import quantization_config
 from ..export.shards import ShardWriter
 from ..model.model_io import release
+from ..resources import distributed
 from ..resources.budget import check_disk, check_memory
 from ..resources.memory import map_large_allocations, reset_peak_vram
 from .calibrate import capture_inputs
@@ -52,12 +53,19 @@ def run_quantization(model: str | None, adapter: str | None, settings: RunSettin
     start = time.time()
     reset_peak_vram()
     map_large_allocations()     # freed layer-sized temporaries go back to the OS, not the heap
-    run = prepare(model, adapter, settings)
+    distributed.assign_device(settings)
+    dp = None
     try:
-        return _quantize(run, start)
+        run = prepare(model, adapter, settings)
+        run.dp = dp = distributed.start(run.device)   # torchrun: this process is one rank of several
+        try:
+            return _quantize(run, start)
+        finally:
+            if run.loaded is not None and run.loaded.weights is not None:
+                run.loaded.weights.close()
     finally:
-        if run.loaded is not None and run.loaded.weights is not None:
-            run.loaded.weights.close()
+        if dp is not None:
+            dp.close()
 
 
 def _quantize(run: Run, start: float) -> QuantizeResult:
@@ -70,13 +78,18 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         checkpoint.check_output(output_dir, s.overwrite)
         partial = output_dir.rstrip("/") + ".partial"
         identity = dict(s.fingerprint(), model=os.path.abspath(run.source.path), adapter=run.entry.name)
-        run.resume = Resume.open(partial, identity, s.fresh)
+        if run.dp is not None:
+            identity["ranks"] = run.dp.size     # the samples are sharded by rank
+        run.resume = Resume.open(partial, identity, s.fresh, run.dp)
         weights_dir = os.path.join(partial, traits.weights_subfolder)
-        if run.resume.writer_state:
+        if run.dp is not None and not run.dp.is_main:
+            pass                                # rank 0 writes the checkpoint
+        elif run.resume.writer_state:
             run.writer = ShardWriter.resume(weights_dir, traits.weights_name, s.max_shard_size, run.resume.writer_state)
         else:
             run.writer = ShardWriter(weights_dir, traits.weights_name, s.max_shard_size)
-        check_disk(run, output_dir, partial)
+        if run.writer is not None:
+            check_disk(run, output_dir, partial)
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(total_blocks, log, done=done)
@@ -95,8 +108,10 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         raise ResourceError(f"writing the output failed ({e.strerror or e}); free disk space and re-run the same "
                             "command to resume") from e
     report = _report(run, loop, output_dir, start)
-    if export:
+    if export and run.writer is not None:
         _finish(run, loop, partial, output_dir, report)
+    if run.dp is not None:
+        run.dp.barrier()            # the other ranks return once rank 0 has published the output
     log.info("\n%s", report.render())
     return QuantizeResult(output_dir, report, run)
 

@@ -4,6 +4,11 @@
 the loop stands; ``OUT.partial/resume/streams.pt`` holds the inputs of the next block (fp and
 quantized streams, and the adapters' per-sample replay state).  Re-running the same command
 continues from the last finished block; different settings are refused.
+
+Data-parallel runs (several ranks): rank 0 alone reads and writes ``progress.json`` and tells the other
+ranks what it holds; each rank saves the streams of its own samples in
+``resume/streams-g{group}-p{position}-rank{rank}.pt`` (a position in the name: a rank that finished a
+block before another died never overwrites the state ``progress.json`` points to).
 """
 from __future__ import annotations
 
@@ -35,14 +40,35 @@ def _atomic_write(path: str, write) -> None:
 class Resume:
     """Progress of one run inside its partial output folder."""
 
-    def __init__(self, partial: str, identity: dict):
+    def __init__(self, partial: str, identity: dict, dp=None):
         self.partial = partial
         self.identity = identity
         self.saved: dict | None = None
         self.blocks_done = 0
+        self.dp = dp          # resources.distributed.DataParallel, or None
 
     @classmethod
-    def open(cls, partial: str, identity: dict, fresh: bool) -> "Resume":
+    def open(cls, partial: str, identity: dict, fresh: bool, dp=None) -> "Resume":
+        """The run's progress in ``partial``; with ``dp``, rank 0 opens it and the others get its answer."""
+        if dp is None:
+            return cls._open(partial, identity, fresh)
+        outcome = None
+        if dp.is_main:
+            try:
+                outcome = cls._open(partial, identity, fresh)
+            except UsageError as e:
+                outcome = e
+        saved = dp.broadcast(outcome.saved if isinstance(outcome, Resume) else outcome)
+        if isinstance(saved, UsageError):
+            raise saved
+        resume = outcome if dp.is_main else cls(partial, identity)
+        resume.dp, resume.saved = dp, saved
+        resume.blocks_done = saved.get("blocks_done", 0) if saved else 0
+        os.makedirs(os.path.join(partial, "resume"), exist_ok=True)
+        return resume
+
+    @classmethod
+    def _open(cls, partial: str, identity: dict, fresh: bool) -> "Resume":
         path = os.path.join(partial, PROGRESS)
         if os.path.isdir(partial) and (fresh or not os.path.exists(path)):
             shutil.rmtree(partial)
@@ -82,7 +108,7 @@ class Resume:
             return {"position": chain_len}
         if group > self.saved["group"]:
             return None
-        state = torch.load(os.path.join(self.partial, "resume", "streams.pt"), weights_only=False)
+        state = torch.load(self._streams(group, self.saved["position"]), weights_only=False)
         state["position"] = self.saved["position"]
         return state
 
@@ -90,12 +116,34 @@ class Resume:
         self.blocks_done += 1
         os.makedirs(os.path.join(self.partial, "resume"), exist_ok=True)
         keep = {k: v for k, v in state.items() if k != "position"}
-        _atomic_write(os.path.join(self.partial, "resume", "streams.pt"), lambda p: torch.save(keep, p))
+        streams = self._streams(group, state["position"])
+        _atomic_write(streams, lambda p: torch.save(keep, p))
+        if self.dp is not None:
+            self.dp.barrier()           # every rank's streams are on disk before progress.json names them
+            if not self.dp.is_main:
+                self.dp.barrier()
+                self._drop_other_streams(streams)
+                return
         progress = {"identity": self.identity, "group": group, "position": state["position"],
                     "last_block": block.ref.name, "blocks_done": self.blocks_done,
                     "writer": writer.state() if writer is not None else None,
                     "result": _result_json(result)}
         _atomic_write(os.path.join(self.partial, PROGRESS), lambda p: _dump(progress, p))
+        if self.dp is not None:
+            self.dp.barrier()
+            self._drop_other_streams(streams)
+
+    def _streams(self, group: int, position: int) -> str:
+        if self.dp is None:
+            return os.path.join(self.partial, "resume", "streams.pt")
+        return os.path.join(self.partial, "resume", f"streams-g{group}-p{position}-rank{self.dp.rank}.pt")
+
+    def _drop_other_streams(self, keep: str) -> None:
+        """This rank's stream files of earlier blocks (progress.json no longer names them)."""
+        folder, suffix = os.path.dirname(keep), f"-rank{self.dp.rank}.pt"
+        for name in os.listdir(folder):
+            if name.startswith("streams-") and name.endswith(suffix) and os.path.join(folder, name) != keep:
+                os.remove(os.path.join(folder, name))
 
     def clear(self) -> None:
         for name in (PROGRESS, "resume"):

@@ -128,6 +128,20 @@ class GroupStore:
         kwargs.update(self.streams[sample])
         return SampleInputs(index=sample, kwargs=kwargs, extras=self.extras[sample], state=state, stream=stream)
 
+    def place(self, positions: list[int], total: int) -> None:
+        """Renumber the samples held here as samples ``positions`` of ``total`` (a data-parallel rank's
+        share); the places of the other ranks' samples hold None (streams, per-sample, extras)."""
+        def spread(values, empty):
+            out = [empty() for _ in range(total)]
+            for position, value in zip(positions, values):
+                out[position] = value
+            return out
+
+        self.streams = spread(self.streams, lambda: None)
+        self.per_sample = spread(self.per_sample, lambda: None)
+        self.extras = spread(self.extras, lambda: None)
+        self.per_block = {k: spread(v, dict) for k, v in self.per_block.items()}
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part; a tensor referenced several times counts once."""
         seen: set[tuple[int, int]] = set()
