@@ -1,7 +1,9 @@
 """Data-parallel runs (core/resources/distributed.py) in real processes: 2 gloo ranks on the CPU.
 
-Each test spawns two processes (torch.multiprocessing, gloo over a file rendezvous) that run the real
-engine on a tiny saved model; the single-process reference runs in the test process.
+One pair of processes (torch.multiprocessing, gloo over a file rendezvous; started once for the
+module: each start imports torch and transformers) runs the real engine on tiny saved models - the
+first block's all-reduced gradient, a usage error, a generic and a Gemma 4 export; the tests compare
+what they wrote with single-process runs in the test process.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ SAMPLES = dict(nsamples=6, seqlen=16, batch_size=4, seed=3)
 RANKS = 2
 
 
-def _ranks(fn, tmp_path, *args):
+def _ranks(fn, folder: str, *args):
     """Run ``fn(rank, *args)`` in RANKS processes joined in one gloo group."""
-    mp.spawn(_entry, args=(fn, str(tmp_path / "rendezvous"), args), nprocs=RANKS, join=True)
+    mp.spawn(_entry, args=(fn, os.path.join(folder, "rendezvous"), args), nprocs=RANKS, join=True)
 
 
 def _entry(rank, fn, rendezvous, args):
@@ -78,20 +80,43 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
     return seen
 
 
-def _gradients_rank(rank, folder, out):
-    _first_block_gradients(folder, f"{out}.{rank}")
+GENERIC = dict(SAMPLES, device="cpu", iters=30, group_size=32)
+GEMMA = dict(nsamples=4, seqlen=24, batch_size=2, group_size=32, iters=3, device="cpu")
 
 
-def test_all_reduced_gradient_equals_single_process(tiny_folder, tmp_path):
+def _on_each_rank(rank, work: str, generic: str, gemma: str):
+    from blockquant.errors import UsageError
+
+    _first_block_gradients(generic, os.path.join(work, f"grads.{rank}"))
+    with pytest.raises(UsageError, match="every rank needs one"):
+        api.quantize(generic, adapter="generic", output_dir=os.path.join(work, "none"), **dict(GENERIC, nsamples=1))
+    api.quantize(generic, adapter="generic", output_dir=os.path.join(work, "generic"), **GENERIC)
+    api.quantize(gemma, adapter="gemma4", output_dir=os.path.join(work, "gemma4"), **GEMMA)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_folder, tmp_path_factory):
+    """What the two ranks wrote (folder), the generic model folder, the Gemma 4 example and its folder."""
+    from blockquant.adapters import gemma4
+
+    work = str(tmp_path_factory.mktemp("ranks"))
+    example = gemma4.example_text()
+    gemma = os.path.join(work, "gemma4-model")
+    example.save(gemma)
+    generic = tiny_folder("llama", 2, 64)
+    _ranks(_on_each_rank, work, work, generic, gemma)
+    return work, generic, example, gemma
+
+
+def test_all_reduced_gradient_equals_single_process(two_ranks):
     """Equal up to float summation order.  Rounding offsets: to 1e-5 of the largest entry.  Clipping
     scales: their gradients sum many cancelling terms in float32 (values ~1e-9..1e-7 with a noise floor
     ~5e-10), so the bound is twice the largest gap the one-process gradient itself shows when the same
     mini-batch runs one sample at a time."""
-    folder = tiny_folder("llama", 2, 64)
+    work, folder, _, _ = two_ranks
     single = _first_block_gradients(folder, None)
     reordered = _first_block_gradients(folder, None, chunk=1)
-    _ranks(_gradients_rank, tmp_path, folder, str(tmp_path / "grads"))
-    ranks = [torch.load(f"{tmp_path / 'grads'}.{rank}") for rank in range(RANKS)]
+    ranks = [torch.load(os.path.join(work, f"grads.{rank}")) for rank in range(RANKS)]
     floor = max((reordered[n] - g).abs().max().item() for n, g in single.items() if not n.endswith(".v"))
     assert 0 < floor < 1e-8
     for name, g in single.items():
@@ -102,18 +127,6 @@ def test_all_reduced_gradient_equals_single_process(tiny_folder, tmp_path):
             assert (got[name] - g).abs().max().item() <= bound, name
     for name in single:        # every rank steps with the same gradient
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-
-
-def _quantize_rank(rank, folder, adapter, out, settings):
-    api.quantize(folder, adapter=adapter, output_dir=out, **settings)
-
-
-def _too_few_then_quantize(rank, folder, adapter, out, settings):
-    from blockquant.errors import UsageError
-
-    with pytest.raises(UsageError, match="every rank needs one"):
-        api.quantize(folder, adapter=adapter, output_dir=out, **dict(settings, nsamples=1))
-    _quantize_rank(rank, folder, adapter, out, settings)
 
 
 def _logits(folder_or_model, ids):
@@ -137,21 +150,20 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([(packed >> (4 * i)) & 15 for i in range(8)])
 
 
-def test_two_ranks_match_one_process_generic(tiny_folder, tmp_path):
-    """The 2-rank export loads, its checkpoint is complete, and its quality is the single run's
-    (first: one calibration batch for two ranks is a usage error on both)."""
-    folder = tiny_folder("llama", 2, 64)
-    settings = dict(SAMPLES, device="cpu", iters=30, group_size=32)
-    _ranks(_too_few_then_quantize, tmp_path, folder, "generic", str(tmp_path / "two"), settings)
-    api.quantize(folder, adapter="generic", output_dir=str(tmp_path / "one"), **settings)
-    assert not os.path.exists(str(tmp_path / "two") + ".partial")
-    one, two = _codes(str(tmp_path / "one")), _codes(str(tmp_path / "two"))
+def test_two_ranks_match_one_process_generic(two_ranks, tmp_path):
+    """The 2-rank export loads, is complete (no partial folder left), and its quality is the single
+    run's; one calibration batch for two ranks was a usage error on both (``_on_each_rank``)."""
+    work, folder, _, _ = two_ranks
+    api.quantize(folder, adapter="generic", output_dir=str(tmp_path / "one"), **GENERIC)
+    two_dir = os.path.join(work, "generic")
+    assert not os.path.exists(two_dir + ".partial") and not os.path.exists(os.path.join(work, "none"))
+    one, two = _codes(str(tmp_path / "one")), _codes(two_dir)
     assert one.keys() == two.keys() and len(one) == 14
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     fp = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
-    kl_one, kl_two = _kl(fp, _logits(str(tmp_path / "one"), ids)), _kl(fp, _logits(str(tmp_path / "two"), ids))
+    kl_one, kl_two = _kl(fp, _logits(str(tmp_path / "one"), ids)), _kl(fp, _logits(two_dir, ids))
     same = sum((_nibbles(one[k]) == _nibbles(two[k])).sum().item() for k in one) / (8 * sum(v.numel() for v in one.values()))
     print(f"KL to fp: one process {kl_one:.3e}, two ranks {kl_two:.3e}; identical 4-bit codes {same:.1%}")
     # SignSGD takes sign(gradient): entries near zero flip with the summation order and the runs part
@@ -159,21 +171,18 @@ def test_two_ranks_match_one_process_generic(tiny_folder, tmp_path):
     assert abs(kl_two - kl_one) <= 0.25 * kl_one and same > 0.5
 
 
-def test_gemma4_shared_kv_under_two_ranks(tmp_path):
-    """Gemma 4's KV-shared layers read per-sample replay state: sharded samples keep it per rank."""
-    from blockquant.adapters import gemma4
-
-    example = gemma4.example_text()
-    folder = str(tmp_path / "model")
-    example.save(folder)
-    settings = dict(nsamples=4, seqlen=24, batch_size=2, group_size=32, iters=3, device="cpu")
-    _ranks(_quantize_rank, tmp_path, folder, "gemma4", str(tmp_path / "two"), settings)
-    model = load_quantized(str(tmp_path / "two"))
+def test_gemma4_shared_kv_under_two_ranks(two_ranks, tmp_path):
+    """Gemma 4's KV-shared layers read per-sample replay state: with the samples sharded it stays per
+    rank, and the export matches a one-process run's quality."""
+    work, _, example, gemma = two_ranks
+    one = api.quantize(gemma, adapter="gemma4", output_dir=str(tmp_path / "one"), **GEMMA).output_dir
+    model = load_quantized(os.path.join(work, "gemma4"))
     assert sum(type(m).__name__ == "QuantLinear" for m in model.modules()) == 32
     ids = example.processor(["Shared keys and values are read by later layers."], return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        fp, q = example.model(ids, use_cache=False).logits, model(ids, use_cache=False).logits
-    assert torch.isfinite(q).all()
-    assert torch.nn.functional.cosine_similarity(q.flatten(), fp.flatten(), dim=0) > 0.9
-
-
+        fp = example.model(ids, use_cache=False).logits
+        two_q, one_q = model(ids, use_cache=False).logits, load_quantized(one)(ids, use_cache=False).logits
+    assert torch.isfinite(two_q).all()
+    cos = [torch.nn.functional.cosine_similarity(q.flatten(), fp.flatten(), dim=0).item() for q in (one_q, two_q)]
+    print(f"Gemma 4 logits cosine to fp: one process {cos[0]:.3f}, two ranks {cos[1]:.3f}")
+    assert cos[1] > 0.7 and abs(cos[1] - cos[0]) < 0.05
