@@ -82,11 +82,15 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
 
 GENERIC = dict(SAMPLES, device="cpu", iters=30, group_size=32)
 GEMMA = dict(nsamples=4, seqlen=24, batch_size=2, group_size=32, iters=3, device="cpu")
+RESUME_ARGS = ["--adapter", "generic", "--iters", "15", "--nsamples", "2", "--seqlen", "16", "--batch_size", "2",
+               "--group_size", "32", "--device", "cpu", "--seed", "5"]
+RESUME = dict(adapter="generic", iters=15, nsamples=2, seqlen=16, batch_size=2, group_size=32, device="cpu", seed=5)
 
 
-def _on_each_rank(rank, work: str, generic: str, gemma: str):
+def _on_each_rank(rank, work: str, generic: str, gemma: str, four_blocks: str):
     from blockquant.errors import UsageError
 
+    api.quantize(four_blocks, output_dir=os.path.join(work, "uninterrupted"), **RESUME)
     _first_block_gradients(generic, os.path.join(work, f"grads.{rank}"))
     with pytest.raises(UsageError, match="every rank needs one"):
         api.quantize(generic, adapter="generic", output_dir=os.path.join(work, "none"), **dict(GENERIC, nsamples=1))
@@ -104,7 +108,7 @@ def two_ranks(tiny_folder, tmp_path_factory):
     gemma = os.path.join(work, "gemma4-model")
     example.save(gemma)
     generic = tiny_folder("llama", 2, 64)
-    _ranks(_on_each_rank, work, work, generic, gemma)
+    _ranks(_on_each_rank, work, work, generic, gemma, tiny_folder("llama", 4, 64))
     return work, generic, example, gemma
 
 
@@ -186,3 +190,62 @@ def test_gemma4_shared_kv_under_two_ranks(two_ranks, tmp_path):
     cos = [torch.nn.functional.cosine_similarity(q.flatten(), fp.flatten(), dim=0).item() for q in (one_q, two_q)]
     print(f"Gemma 4 logits cosine to fp: one process {cos[0]:.3f}, two ranks {cos[1]:.3f}")
     assert cos[1] > 0.7 and abs(cos[1] - cos[0]) < 0.05
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of rank ``rank`` among the processes ``parent`` (the launcher) started (Linux /proc)."""
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process in /proc")
+def test_resume_after_a_rank_dies(two_ranks, tiny_folder, tmp_path):
+    """``quant --nproc 2``; rank 1 is SIGKILLed after a finished block; the same command resumes and the
+    weights are byte-identical to an uninterrupted 2-rank run (the fixture's, same settings)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = two_ranks[0]
+    quant = os.path.join(os.path.dirname(sys.executable), "quant")
+    out = str(tmp_path / "out")
+    cmd = [quant, tiny_folder("llama", 4, 64), "-o", out, "--nproc", "2"] + RESUME_ARGS
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    progress, killed, deadline = os.path.join(out + ".partial", "progress.json"), False, time.time() + 240
+    while not killed and time.time() < deadline and proc.poll() is None:
+        try:
+            with open(progress) as f:
+                done = json.load(f)["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        pid = _rank_pid(proc.pid, 1) if done >= 1 else None
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=120)
+    assert killed and proc.returncode != 0, stderr[-2000:]
+    with open(progress) as f:
+        assert 1 <= json.load(f)["blocks_done"] < 4
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed after model.layers." in open(os.path.join(out, "blockquant_report.json")).read()
+    names = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert names == sorted(f for f in os.listdir(os.path.join(work, "uninterrupted")) if f.endswith(".safetensors"))
+    for name in names:
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(work, "uninterrupted", name), "rb") as b:
+            assert a.read() == b.read(), name
