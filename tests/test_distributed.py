@@ -59,7 +59,7 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
     def loss_fn(indices):
         outs = replayer.run(block, streams, states, "quant", indices, batch=chunk or len(indices))
         wanted = [targets[i] for i in indices]
-        return run.dp.mean_loss(*stream_sse(outs, wanted)) if run.dp else stream_loss(outs, wanted)
+        return run.dp.mean_loss(*stream_sse(outs, wanted))[0] if run.dp else stream_loss(outs, wanted)
 
     seen: dict[str, torch.Tensor] = {}
     layers = choose_layers(block, run.settings.scheme, (), ()).quantize

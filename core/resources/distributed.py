@@ -19,6 +19,7 @@ import os
 import torch
 import torch.distributed as tdist
 from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ..errors import UsageError
@@ -85,18 +86,19 @@ class DataParallel:
         return out
 
     # --- tuning ---------------------------------------------------------------------------------
-    def mean_loss(self, sse: torch.Tensor | None, count: int) -> torch.Tensor:
+    def mean_loss(self, sse: torch.Tensor | None, count: int, stop: bool = False) -> tuple[torch.Tensor, bool]:
         """The mini-batch's global mean squared error from this rank's sum ``sse`` over ``count``
-        elements (None: no sample here).  Its value is the global loss, identical on every rank; its
-        gradient is this rank's share, so the sum over ranks is the global loss's gradient."""
+        elements (None: no sample here), and whether any rank passed ``stop``.  The loss's value is
+        the global loss, identical on every rank; its gradient is this rank's share, so the sum over
+        ranks is the global loss's gradient."""
         local = sse if sse is not None else torch.zeros((), device=self.device, requires_grad=True)
-        stats = torch.stack([local.detach().double().reshape(()),
-                             torch.tensor(float(count), dtype=torch.float64, device=local.device)])
+        stats = torch.cat([local.detach().double().reshape(1),
+                             torch.tensor([float(count), float(stop)], dtype=torch.float64, device=local.device)])
         tdist.all_reduce(stats)
-        total_sse, total_count = stats.tolist()
+        total_sse, total_count, stops = stats.tolist()
         total_count = max(total_count, 1.0)
         value = torch.tensor(total_sse / total_count, dtype=torch.float32, device=local.device)
-        return _GlobalValue.apply(local.float() / total_count, value)
+        return _GlobalValue.apply(local.float() / total_count, value), stops > 0
 
     @torch.no_grad()
     def reduce_grads(self, params: list[torch.Tensor]) -> None:
@@ -210,4 +212,6 @@ def launch(argv: list[str], nproc: int) -> int:
     except ChildFailedError as e:       # the ranks printed their own error lines
         codes = [f.exitcode for f in e.failures.values() if f.exitcode and f.exitcode > 0]
         return min(codes) if codes else 1
+    except SignalException:             # Ctrl-C / SIGTERM: passed on to the ranks, which saved and said so
+        return 130
     return 0

@@ -108,10 +108,18 @@ class BlockLoop:
         quantized = {}
         if choice.quantize:
             def loss_fn(indices):
-                ctx.check_interrupt(abandon=True)
+                if ctx.dp is None:
+                    ctx.check_interrupt(abandon=True)
                 outs = replayer.run(block, state["quant"], state["quant_states"], "quant", indices, batch=len(indices))
                 wanted = [targets[i] for i in indices]
-                return ctx.dp.mean_loss(*stream_sse(outs, wanted)) if ctx.dp else stream_loss(outs, wanted)
+                if ctx.dp is None:
+                    return stream_loss(outs, wanted)
+                # ranks abandon the block together: a signal seen by one is passed on with the loss
+                loss, signalled = ctx.dp.mean_loss(*stream_sse(outs, wanted), stop=ctx.interrupted is not None)
+                if signalled:
+                    ctx.interrupted = ctx.interrupted or "a signal to another rank"
+                    ctx.check_interrupt(abandon=True)
+                return loss
 
             t0 = time.time()
             with ctx.autocast():
