@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -89,15 +87,16 @@ class RunSettings:
     fresh: bool = False               # discard an interrupted run's state instead of resuming
     max_shard_size: int = 2 * 1024 ** 3
     variable_inputs: str | None = None    # override the adapter's policy
-    quant_vision: bool = False        # VLMs: also quantize the vision tower's blocks
+    include_groups: tuple[str, ...] = ()  # optional block groups to quantize too (Traits.optional_groups)
     images: str | None = None         # folder / .jsonl of images for image+text calibration
-    num_inference_steps: int = 4      # diffusion calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
-    extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)   # the adapter's options, raw (validated against AdapterInfo.options)
 
     def __post_init__(self):
-        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "num_inference_steps"):
+        self.include_groups = tuple(self.include_groups)
+        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UsageError(f"--{name} must be a positive integer (got {value})")
@@ -118,11 +117,9 @@ class RunSettings:
         """The settings that determine the output bytes."""
         keys = ("iters", "lr", "minmax_lr", "amp", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
                 "dataset", "seed", "to_quant_block_names", "ignore_layers", "format", "variable_inputs",
-                "quant_vision", "images", "num_inference_steps")
+                "include_groups", "images")
         out = {k: getattr(self, k) for k in keys}
         out["ignore_layers"] = list(self.ignore_layers)
+        out["include_groups"] = list(self.include_groups)
         out["scheme"] = dataclasses.asdict(self.scheme)
         return out
-
-    def fingerprint_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

@@ -49,7 +49,7 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
     run.loader.load(block)
     for p in block.module.parameters():
         p.requires_grad_(False)
-    replayer = Replayer(run.pm.hook, run.stores[0], run.device, run.compute_dtype)
+    replayer = Replayer(run.hooks, run.stores[0], run.device, run.compute_dtype)
     streams = [None if s is None else dict(s) for s in run.stores[0].streams]
     states = [{} for _ in streams]
     with torch.no_grad():

@@ -21,6 +21,7 @@ from . import hookspecs
 from .contract import AdapterInfo
 from ..errors import AdapterError, VersionError
 from .hookspecs import PROJECT
+from .options import check_options_class, describe_options
 
 GROUP = "blockquant.adapters"
 ENV_SELECT = "BLOCKQUANT_ADAPTERS"
@@ -52,6 +53,8 @@ class AdapterEntry:
             "architectures": list(info.architectures) if info else [],
             "pipelines": list(info.pipelines) if info else [],
             "requires": dict(info.requires) if info else {},
+            "options": [dict(zip(("name", "type", "default", "help"), row)) for row in describe_options(info.options)]
+                       if info else [],
             "description": info.description if info else "",
         }
 
@@ -85,6 +88,10 @@ def check_adapter(name: str, module) -> tuple[AdapterInfo, list[str]]:
     info = pm.hook.adapter_info()
     if not isinstance(info, AdapterInfo):
         raise AdapterError(f"adapter '{name}' must implement adapter_info() returning blockquant.AdapterInfo")
+    try:
+        check_options_class(info.options, name)
+    except TypeError as e:
+        raise AdapterError(str(e)) from e
     return info, hooks
 
 

@@ -64,7 +64,7 @@ class BlockLoop:
         ctx = self.ctx
         for g, chain in enumerate(ctx.groups):
             store = ctx.stores[g]
-            replayer = Replayer(ctx.pm.hook, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
+            replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
             n = len(store)
             state = ctx.resume.restore_group(g, n) if ctx.resume else None
             if state is None:
@@ -152,9 +152,8 @@ class BlockLoop:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()
         if dispatched:
-            devices.unplace_block(block.module, ctx.pm.hook, ctx.model)
+            devices.unplace_block(block.module, ctx.hooks, ctx.model)
         if ctx.keep_blocks:
-            ctx.quantized_weights.update(quantized)
             block.module.to(dtype=ctx.model_dtype)
         else:
             ctx.loader.release(block)

@@ -85,7 +85,7 @@ def _close(a, b) -> bool:
 
 def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
     """Per global block number, per sample: (true kwargs, true output streams)."""
-    hook = run.pm.hook
+    hook = run.hooks
     refs: dict[int, list] = {}
     handles = []
     for chain in run.groups:
@@ -114,7 +114,7 @@ def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
 
 
 def run_verify(model: str | None, adapter: str | None, settings: RunSettings) -> VerifyReport:
-    settings.extra["keep_blocks"] = True
+    settings.keep_blocks = True
     return verify_prepared(prepare(model, adapter, settings))
 
 
@@ -125,7 +125,7 @@ def verify_prepared(run) -> VerifyReport:
     report = VerifyReport(adapter=run.entry.name, model=run.source.path, samples=len(run.stores[0]) if run.stores else 0)
     for g, chain in enumerate(run.groups):
         store = run.stores[g]
-        replayer = Replayer(run.pm.hook, store, run.device, torch.float32 if run.device.type == "cpu" else run.compute_dtype)
+        replayer = Replayer(run.hooks, store, run.device, torch.float32 if run.device.type == "cpu" else run.compute_dtype)
         streams = [dict(s) for s in store.streams]
         states = [{} for _ in streams]
         for block in chain:
