@@ -160,11 +160,11 @@ class GroupStore:
             return total
 
         parts = {
-            "streams": count(s for sample in self.streams for s in sample.values()),
+            "streams": count(s for sample in self.streams if sample is not None for s in sample.values()),
             "shared": count(self.shared.values()),
-            "per_sample": count(v for sample in self.per_sample for v in sample.values()),
+            "per_sample": count(v for sample in self.per_sample if sample is not None for v in sample.values()),
             "per_block": count(v for samples in self.per_block.values() for s in samples for v in s.values()),
-            "extras": count(v for sample in self.extras for v in sample.values()),
+            "extras": count(v for sample in self.extras if sample is not None for v in sample.values()),
         }
         parts["total"] = sum(parts.values())
         return parts
