@@ -90,6 +90,7 @@ class RunSettings:
     include_groups: tuple[str, ...] = ()  # optional block groups to quantize too (Traits.optional_groups)
     images: str | None = None         # folder / .jsonl of images for image+text calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    allow_unquantized: bool = False   # a run that keeps every layer in full precision warns instead of failing
     keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
     options: dict = field(default_factory=dict)   # the adapter's options, raw (validated against AdapterInfo.options)
@@ -102,6 +103,10 @@ class RunSettings:
                 raise UsageError(f"--{name} must be a positive integer (got {value})")
         if self.iters < 0:
             raise UsageError(f"--iters must be 0 (RTN) or positive (got {self.iters})")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name} must be a positive number (got {value}); omit it for the default 1/iters")
         if self.format not in FORMATS:
             raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
 

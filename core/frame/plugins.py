@@ -119,7 +119,9 @@ def discover() -> dict[str, AdapterEntry]:
             entry.info, entry.hooks = check_adapter(name, entry.module)
         except AdapterError as e:
             entry.error = str(e)
-        except Exception as e:  # any import-time failure of a third-party package
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # any import-time failure of a third-party package, sys.exit() included
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             entry.error = f"failed to load {ep.value}: {last}"
         entries[name] = entry

@@ -72,8 +72,7 @@ class DataParallel:
 
     def sample_positions(self, groups: int) -> list[tuple[list[int], int]]:
         """Per group: the single-process index of each sample this rank captured, and the total."""
-        every: list = [None] * self.size
-        tdist.all_gather_object(every, self._counts)
+        every = self.gather(self._counts)
         out = []
         for g in range(groups):
             mine, total = [], 0
@@ -136,6 +135,12 @@ class DataParallel:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        every: list = [None] * self.size
+        tdist.all_gather_object(every, obj)
+        return every
 
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():

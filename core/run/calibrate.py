@@ -6,12 +6,14 @@ import time
 
 import torch
 
+from .. import faults
 from ..data.calibration_data import CalibrationSource
 from ..errors import DataError
 from ..resources import devices
 from ..resources.memory import human_bytes
 from .capture import Calibration, capture, detect, stream_keys_from_output
 from .context import Run
+from .fingerprint import content_hash
 from .store import GroupStore
 
 log = logging.getLogger("blockquant")
@@ -27,6 +29,8 @@ def capture_inputs(run: Run) -> None:
     if not batches:
         raise DataError("the calibration data produced no batches; pass --dataset with text (a .txt/.jsonl/.parquet file)")
     run.batches = batches
+    if run.resume:   # a resumed run must calibrate on the same data as the interrupted one
+        run.resume.check_calibration(content_hash(batches))
     calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
     run.hooks.pre_cache(model=run.model, calibration=calibration)
     all_blocks = [b for chain in run.groups for b in chain]
@@ -59,6 +63,7 @@ def capture_inputs(run: Run) -> None:
 
 def run_batch(run: Run, batch) -> None:
     """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
+    faults.point("calibration_forward")
     try:
         run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
     except torch.cuda.OutOfMemoryError:

@@ -18,7 +18,7 @@ from ..model.model_io import all_finite
 from .replay import Replayer, stream_loss, stream_sse
 from .report import BlockRecord
 from .resume import restore_result
-from .store import to_device
+from .store import GroupState, to_device
 from ..model.streaming import free_memory
 
 log = logging.getLogger("blockquant")
@@ -65,13 +65,10 @@ class BlockLoop:
         for g, chain in enumerate(ctx.groups):
             store = ctx.stores[g]
             replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
-            n = len(store)
-            state = ctx.resume.restore_group(g, n) if ctx.resume else None
+            state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
-                streams = [None if s is None else dict(s) for s in store.streams]   # None: another rank's
-                state = {"position": 0, "fp": streams, "quant": streams,
-                         "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
-            for block in chain[state["position"]:]:
+                state = GroupState.start(store)
+            for block in chain[state.position:]:
                 try:
                     self._one_block(block, replayer, state)
                 except torch.cuda.OutOfMemoryError:
@@ -84,13 +81,13 @@ class BlockLoop:
                     ctx.loader.release(block)   # streamed: the retry reads the original weights again
                     replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
                     self._one_block(block, replayer, state)
-                state["position"] = block.ref.position + 1
+                state.position = block.ref.position + 1
                 if ctx.resume:
                     ctx.resume.block_done(block, g, state, ctx.writer, self.result)
                 ctx.check_interrupt()
         return self.result
 
-    def _one_block(self, block: Block, replayer: Replayer, state: dict) -> None:
+    def _one_block(self, block: Block, replayer: Replayer, state: GroupState) -> None:
         ctx, s = self.ctx, self.s
         start = time.time()
         ctx.loader.load(block)
@@ -103,14 +100,14 @@ class BlockLoop:
         tune = s.iters > 0 and bool(choice.quantize)
         batch = s.batch_size
         with torch.no_grad():
-            targets = replayer.run(block, state["fp"], state["fp_states"], "fp", batch=batch) if tune else None
+            targets = replayer.run(block, state.fp, state.fp_states, "fp", batch=batch) if tune else None
         record = BlockRecord(block.ref.name, layers=len(choice.quantize))
         quantized = {}
         if choice.quantize:
             def loss_fn(indices):
                 if ctx.dp is None:
                     ctx.check_interrupt(abandon=True)
-                outs = replayer.run(block, state["quant"], state["quant_states"], "quant", indices, batch=len(indices))
+                outs = replayer.run(block, state.quant, state.quant_states, "quant", indices, batch=len(indices))
                 wanted = [targets[i] for i in indices]
                 if ctx.dp is None:
                     return stream_loss(outs, wanted)
@@ -124,7 +121,7 @@ class BlockLoop:
             t0 = time.time()
             with ctx.autocast():
                 result = tune_block(
-                    choice.quantize, s.scheme, loss_fn, len(state["quant"]), iters=s.iters, lr=s.effective_lr,
+                    choice.quantize, s.scheme, loss_fn, len(state.quant), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
                     reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
@@ -135,19 +132,19 @@ class BlockLoop:
             record.rtn_fallback = result.fell_back_to_rtn
             self.result.quantized.extend(choice.quantize)
         with torch.no_grad():
-            outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
+            outputs = replayer.run(block, state.quant, state.quant_states, "quant", batch=batch)
         finite = all(_finite(o) for o in outputs)
         if not (ctx.dp.all_true(finite) if ctx.dp else finite):
             raise BlockquantError(
                 f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
                 f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
         cache = ctx.cache_device
-        state["quant"] = [to_device(o, cache) for o in outputs]
+        state.quant = [to_device(o, cache) for o in outputs]
         if targets is not None:
-            state["fp"] = [to_device(t, cache) for t in targets]
+            state.fp = [to_device(t, cache) for t in targets]
         else:   # nothing tuned here: the fp stream continues from the quantized one, state included
-            state["fp"] = state["quant"]
-            state["fp_states"] = [dict(s) for s in state["quant_states"]]
+            state.fp = state.quant
+            state.fp_states = [dict(s) for s in state.quant_states]
         if ctx.writer is not None:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()
