@@ -12,7 +12,26 @@ SCHEMES = {
     "W4A16": dict(bits=4, group_size=128, sym=True),
     "W8A16": dict(bits=8, group_size=128, sym=True),
 }
-FORMATS = ("auto_round", "auto_gptq", "fake")
+FORMATS = ("auto_round", "auto_gptq", "compressed-tensors", "fake")
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q4_k")   # --format gguf:TYPE
+
+
+def parse_formats(text: str) -> list[str]:
+    """``--format`` as a list: one format, or several separated by commas (each written to its own
+    folder from the same tuning pass); ``gguf:TYPE`` names a GGUF type.  Raises UsageError."""
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    choices = ", ".join([f for f in FORMATS] + [f"gguf:{t}" for t in GGUF_TYPES])
+    if not items:
+        raise UsageError(f"--format is empty; choose one or more of {choices}")
+    for item in items:
+        kind, _, gtype = item.partition(":")
+        if item not in FORMATS and not (kind == "gguf" and gtype in GGUF_TYPES):
+            raise UsageError(f"unknown --format {item}; choose one or more of {choices} (comma-separated)")
+    if len(set(items)) != len(items):
+        raise UsageError(f"--format {text} names a format twice; list each format once")
+    if "fake" in items and len(items) > 1:
+        raise UsageError("--format fake writes nothing and cannot be combined with other formats")
+    return items
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,12 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be a positive number (got {value}); omit it for the default 1/iters")
-        if self.format not in FORMATS:
-            raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
+        self.format = ",".join(parse_formats(self.format))
+
+    @property
+    def formats(self) -> list[str]:
+        """The output formats (``format`` split at commas)."""
+        return self.format.split(",")
 
     @property
     def effective_lr(self) -> float:

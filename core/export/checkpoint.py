@@ -46,24 +46,32 @@ def check_output(output_dir: str, overwrite: bool) -> None:
         raise UsageError(f"{parent} is not writable; choose another --output_dir")
 
 
+def outside_entries(model: torch.nn.Module, block_prefixes: list[str], store=None) -> list[tuple[str, object]]:
+    """(name, tensor) of every state-dict tensor outside the quantized blocks (tied copies skipped);
+    a tensor may be on the meta device: :func:`materialize` reads it, one at a time."""
+    inside = tuple(p + "." for p in block_prefixes)
+    out = []
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(inside) or id(tensor) in seen:   # tied weights are saved once, as transformers does
+            continue
+        seen.add(id(tensor))
+        if tensor.device.type == "meta" and (store is None or name not in store):
+            continue   # released after capture, or never loaded, and not in the checkpoint
+        out.append((name, tensor))
+    return out
+
+
+def materialize(name: str, tensor, store=None) -> torch.Tensor:
+    """An entry of :func:`outside_entries` as a CPU tensor in its own dtype."""
+    if tensor.device.type == "meta":
+        tensor = store.get(name)
+    return tensor.detach().to("cpu").contiguous()
+
+
 def outside_tensors(model: torch.nn.Module, block_prefixes: list[str], store=None) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the quantized blocks, in its own dtype (tied copies skipped)."""
-    inside = tuple(p + "." for p in block_prefixes)
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.startswith(inside):
-            continue
-        key = id(tensor)
-        if key in seen:   # tied weights are saved once, as transformers does
-            continue
-        seen[key] = name
-        if tensor.device.type == "meta":   # released after capture, or never loaded: read it again
-            if store is None or name not in store:
-                continue
-            tensor = store.get(name)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
+    return {name: materialize(name, t, store) for name, t in outside_entries(model, block_prefixes, store)}
 
 
 def weight_files(prefix: str) -> tuple[str, ...]:

@@ -95,8 +95,9 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
     q.add_argument("--cache_device", help="where the calibration cache lives: cpu or cuda[:N] (default: --device)")
     q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
-    q.add_argument("--format", default="auto_round", choices=("auto_round", "auto_gptq", "fake"),
-                   help="output format (fake: quantize in memory, write nothing)")
+    q.add_argument("--format", default="auto_round",
+                   help="output format(s), comma-separated, each written to OUT/FORMAT from one tuning pass: auto_round, "
+                        "auto_gptq, compressed-tensors, gguf:q4_0|q4_1|q8_0|q4_k, or fake (quantize in memory, write nothing)")
     q.add_argument("--output_dir", "-o", help="output folder (default: MODEL-w{bits}g{group}-{format} here)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")

@@ -34,7 +34,11 @@ def capture_inputs(run: Run) -> None:
     calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
     run.hooks.pre_cache(model=run.model, calibration=calibration)
     all_blocks = [b for chain in run.groups for b in chain]
-    forward = lambda batch: run_batch(run, batch)  # noqa: E731
+
+    def forward(batch) -> None:
+        calibration.batch = batch
+        run_batch(run, batch)
+
     try:
         with run.loader.during_forward(all_blocks), torch.no_grad():
             detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.hooks.block_outputs),

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..algorithm.tuning import tune_block
-from ..export.formats import layer_tensors
 from ..resources import devices
 from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
@@ -30,24 +29,6 @@ class LoopResult:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     tuning_seconds: float = 0.0
-
-
-def block_tensors(block: Block, dtypes: dict[str, torch.dtype], quantized: dict, fmt: str) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of a finished block: packed layers + everything else in its source dtype."""
-    out: dict[str, torch.Tensor] = {}
-    skip = set()
-    prefix = block.ref.name
-    for name, qw in quantized.items():
-        local = name[len(prefix) + 1:]
-        layer = block.module.get_submodule(local)
-        bias = layer.bias.detach().cpu() if layer.bias is not None else None
-        out.update(layer_tensors(name, qw, bias, fmt))
-        skip.update({f"{local}.weight", f"{local}.bias"})
-    for local, tensor in block.module.state_dict().items():
-        if local in skip:
-            continue
-        out[f"{prefix}.{local}"] = tensor.detach().to("cpu", dtypes.get(local, tensor.dtype)).contiguous()
-    return out
 
 
 class BlockLoop:
@@ -145,9 +126,8 @@ class BlockLoop:
         else:   # nothing tuned here: the fp stream continues from the quantized one, state included
             state.fp = state.quant
             state.fp_states = [dict(s) for s in state.quant_states]
-        if ctx.writer is not None:
-            ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
-            ctx.writer.flush()
+        if ctx.writer is not None:   # the run's outputs (export.outputs.Outputs)
+            ctx.writer.add_block(block, dtypes, quantized)
         if dispatched:
             devices.unplace_block(block.module, ctx.hooks, ctx.model)
         if ctx.keep_blocks:

@@ -47,7 +47,8 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         old = run.loaded.weights
         run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames, old.key_map)
     if settings.format != "fake":
-        check_format(settings.format, settings.scheme)
+        for fmt in settings.formats:
+            check_format(fmt, settings.scheme)
     run.hooks.patch_model(model=run.model)
     run.ctx.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names, settings.include_groups)
     check_seqlen(run.model, settings.seqlen)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RunSettings
-from ..errors import Interrupted, ResourceError
+from ..errors import Interrupted, ResourceError, UsageError
 from ..export import checkpoint
-from ..export.shards import ShardWriter
+from ..export.outputs import Outputs
 from ..frame.options import options_dict
 from ..model.model_io import release
 from ..resources import distributed
@@ -49,7 +49,8 @@ def default_output_dir(run: Run) -> str:
     s = run.settings.scheme
     base = os.path.basename(os.path.normpath(run.source.path))
     base = re.sub(r"^blockquant-\w+-example-\w+$", run.entry.name, base)
-    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{run.settings.format}")
+    fmt = run.settings.format.replace(":", "-").replace(",", "+")
+    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{fmt}")
 
 
 def run_quantization(model: str | None, adapter: str | None, settings: RunSettings) -> QuantizeResult:
@@ -92,15 +93,16 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
             run.dp.broadcast(already)
         if already:
             log.info("the interrupted run had already published %s", output_dir)
+            run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
             return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
         checkpoint.check_output(output_dir, s.overwrite)
         check_disk(run, output_dir, run.resume.partial)
-        weights_dir = os.path.join(run.resume.output, run.traits.weights_subfolder)
-        if run.resume.writer_state:
-            run.writer = ShardWriter.resume(weights_dir, run.traits.weights_name, s.max_shard_size,
-                                            run.resume.writer_state)
-        else:
-            run.writer = ShardWriter(weights_dir, run.traits.weights_name, s.max_shard_size)
+        try:
+            run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
+        except UsageError:   # a format this model cannot be written in: leave nothing behind
+            if not run.resume.saved:
+                run.resume.remove()
+            raise
         return _run(run, start, output_dir)
 
 
