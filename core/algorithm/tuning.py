@@ -61,6 +61,7 @@ def tune_block(
     gradient_accumulate_steps: int,
     seed: int,
     log=None,
+    reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
@@ -68,6 +69,8 @@ def tune_block(
     Each iteration draws ``gradient_accumulate_steps`` mini-batches of min(batch_size, nsamples)
     indices from a generator seeded with ``seed``.  A NaN/Inf loss stops tuning and the block falls
     back to RTN.  ``log``: a logging.Logger or a callable taking one line (None: silent).
+    ``reduce_grads(params)``: called before each step to combine the parameters' gradients in place
+    (data-parallel runs: the sum over ranks); the steps then follow the backward, not its hooks.
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -81,6 +84,7 @@ def tune_block(
         for name, layer in layers.items():
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
+        run.reduce_grads = reduce_grads
         first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log)
     except BaseException:
         for st in states.values():       # leave the layers as they were
@@ -127,6 +131,7 @@ class _Run:
         self.factor: float | None = None     # this iteration's lr factor; None: no step
         self._perm: list[int] = []
         self._threads: int | None = None     # the thread count to restore after a serial run
+        self.reduce_grads = None   # see tune_block
 
     def _indices(self) -> list[int]:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
@@ -147,7 +152,8 @@ class _Run:
         try:
             for st in self.states:
                 st.install()
-            if self.accumulate == 1:      # step each parameter as soon as its gradient is complete
+            hooked = self.accumulate == 1 and self.reduce_grads is None
+            if hooked:      # step each parameter as soon as its gradient is complete
                 hooks = [p.register_post_accumulate_grad_hook(self._step_now) for p in vs + scales]
             # one allocator switch for the whole loop: the steps' temporaries are freed before the
             # next step reallocates them at the same sizes, and nothing long-lived is allocated
@@ -164,7 +170,9 @@ class _Run:
                     if it == 0:
                         first = loss
                         self._fit_threads()
-                    if self.accumulate > 1:
+                    if not hooked:
+                        if self.reduce_grads is not None and self.factor is not None:
+                            self.reduce_grads(vs + scales)
                         for p in vs + scales:
                             self._step_now(p)
         finally:

@@ -16,6 +16,7 @@ import sys
 
 from ..api import quantize, verify
 from ..errors import BlockquantError, UsageError
+from ..resources import distributed
 from ..run.report import configure_logging
 from .options import describe_options
 from .plugins import discover, get_adapter, hook_table
@@ -103,6 +104,9 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--allow_unquantized", action="store_true",
                    help="write the model even when no layer can be quantized (default: that is an error)")
     q.add_argument("--max_shard_size", default="2GB", help="largest output shard (e.g. 500MB, 2GB)")
+    q.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel ranks on this machine (one per GPU, or CPU processes): starts them with "
+                        "torch.distributed.run; several machines: torchrun, see README")
     v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_options(v, verify=True)
@@ -199,7 +203,7 @@ def cmd_hooks(args) -> int:
 
 def cmd_quantize(args) -> int:
     result = quantize(args.model, args.adapter, **_settings_kwargs(args))
-    if result.output_dir:
+    if result.output_dir and distributed.is_main_process():
         print(result.output_dir)
     return 0
 
@@ -208,6 +212,18 @@ def cmd_verify(args) -> int:
     report = verify(args.model, args.adapter, **_settings_kwargs(args))
     print(report.render())
     return 0 if report.ok else 1
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def one_line(message: str) -> str:
@@ -222,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(with_options=bool({"-h", "--help"} & set(argv[1:])))
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "verbose", False))
+    if getattr(args, "nproc", 1) > 1 and distributed.launched_ranks() == 1:
+        return distributed.launch(_without_nproc(argv), args.nproc)
     handlers = {"quantize": cmd_quantize, "verify": cmd_verify, "adapters": cmd_adapters, "hooks": cmd_hooks}
     try:
         return handlers[args.command](args)

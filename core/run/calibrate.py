@@ -47,7 +47,11 @@ def capture_inputs(run: Run) -> None:
             cache_keys = _cache_policy(run, detection)
             run.stores = [GroupStore(stream_keys=detection.stream_keys[g], fixed_shared=run.traits.shared_keys)
                           for g in range(len(run.groups))]
-            capture(run.groups, batches, forward, calibration, run.stores, cache_keys, run.traits, run.cache_device)
+            if run.dp is not None:      # this rank captures its share of the batches
+                capture(run.groups, run.dp.my_batches(batches), run.dp.counting(forward, lambda: [len(s) for s in run.stores]),
+                        calibration, run.stores, cache_keys, run.traits, run.cache_device)
+            else:
+                capture(run.groups, batches, forward, calibration, run.stores, cache_keys, run.traits, run.cache_device)
     finally:
         calibration.close()
     run.capture_seconds = time.time() - t0
@@ -56,6 +60,9 @@ def capture_inputs(run: Run) -> None:
         log.info("group %d (%s): %d samples captured, store %s (streams %s, shared %s, per-sample %s, per-block %s)",
                  g, "+".join(dict.fromkeys(b.ref.path for b in run.groups[g])), len(store), human_bytes(sizes["total"]),
                  human_bytes(sizes["streams"]), human_bytes(sizes["shared"]), human_bytes(sizes["per_sample"]), human_bytes(sizes["per_block"]))
+    if run.dp is not None:      # single-process sample numbering, other ranks' samples as None
+        for store, (positions, total) in zip(run.stores, run.dp.sample_positions(len(run.stores))):
+            store.place(positions, total)
 
 
 def run_batch(run: Run, batch) -> None:

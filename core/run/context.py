@@ -19,6 +19,7 @@ from ..model.blocks import Block
 from ..model.model_io import LoadedModel, ModelSource
 from ..model.streaming import BlockLoader
 from ..resources import devices
+from ..resources.distributed import DataParallel
 from .report import Progress
 from .resume import Resume
 from .store import GroupStore
@@ -50,6 +51,7 @@ class Run:
     capture_seconds: float = 0.0
     batches: list = field(default_factory=list)
     tmpdir: tempfile.TemporaryDirectory | None = None
+    dp: DataParallel | None = None      # under torchrun (several ranks), else None
 
     @property
     def settings(self) -> RunSettings:

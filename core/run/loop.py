@@ -14,7 +14,7 @@ from ..resources import devices
 from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
 from ..model.model_io import all_finite
-from .replay import Replayer, stream_loss
+from .replay import Replayer, stream_loss, stream_sse
 from .report import BlockRecord
 from .resume import restore_result
 from .store import GroupState, to_device
@@ -54,6 +54,9 @@ class BlockLoop:
                 try:
                     self._one_block(block, replayer, state)
                 except torch.cuda.OutOfMemoryError:
+                    if ctx.dp is not None:     # the ranks must stay on one kind of device
+                        raise BlockquantError(f"CUDA out of memory in block {block.ref.name} on rank {ctx.dp.rank}; "
+                                              "lower --batch_size or use --cache_device cpu") from None
                     log.warning("CUDA out of memory in block %s: continuing on the CPU (lower --batch_size or "
                                 "use --cache_device cpu to stay on the GPU)", block.ref.name)
                     devices.fall_back_to_cpu(ctx)
@@ -84,9 +87,18 @@ class BlockLoop:
         quantized = {}
         if choice.quantize:
             def loss_fn(indices):
-                ctx.check_interrupt(abandon=True)
+                if ctx.dp is None:
+                    ctx.check_interrupt(abandon=True)
                 outs = replayer.run(block, state.quant, state.quant_states, "quant", indices, batch=len(indices))
-                return stream_loss(outs, [targets[i] for i in indices])
+                wanted = [targets[i] for i in indices]
+                if ctx.dp is None:
+                    return stream_loss(outs, wanted)
+                # ranks abandon the block together: a signal seen by one is passed on with the loss
+                loss, signalled = ctx.dp.mean_loss(*stream_sse(outs, wanted), stop=ctx.interrupted is not None)
+                if signalled:
+                    ctx.interrupted = ctx.interrupted or "a signal to another rank"
+                    ctx.check_interrupt(abandon=True)
+                return loss
 
             t0 = time.time()
             with ctx.autocast():
@@ -94,6 +106,7 @@ class BlockLoop:
                     choice.quantize, s.scheme, loss_fn, len(state.quant), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                    reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
                 )
             self.result.tuning_seconds += time.time() - t0
             quantized = result.weights
@@ -102,7 +115,8 @@ class BlockLoop:
             self.result.quantized.extend(choice.quantize)
         with torch.no_grad():
             outputs = replayer.run(block, state.quant, state.quant_states, "quant", batch=batch)
-        if not all(_finite(o) for o in outputs):
+        finite = all(_finite(o) for o in outputs)
+        if not (ctx.dp.all_true(finite) if ctx.dp else finite):
             raise BlockquantError(
                 f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
                 f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")

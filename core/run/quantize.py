@@ -16,6 +16,7 @@ from ..export import checkpoint
 from ..export.outputs import Outputs
 from ..frame.options import options_dict
 from ..model.model_io import release
+from ..resources import distributed
 from ..resources.budget import check_disk, check_memory
 from ..resources.memory import map_large_allocations, reset_peak_vram
 from .calibrate import capture_inputs
@@ -57,12 +58,19 @@ def run_quantization(model: str | None, adapter: str | None, settings: RunSettin
     start = time.time()
     reset_peak_vram()
     map_large_allocations()     # freed layer-sized temporaries go back to the OS, not the heap
-    run = prepare(model, adapter, settings)
+    distributed.assign_device(settings)
+    dp = None
     try:
-        return _quantize(run, start)
+        run = prepare(model, adapter, settings)
+        run.dp = dp = distributed.start(run.device)   # torchrun: this process is one rank of several
+        try:
+            return _quantize(run, start)
+        finally:
+            if run.loaded is not None and run.loaded.weights is not None:
+                run.loaded.weights.close()
     finally:
-        if run.loaded is not None and run.loaded.weights is not None:
-            run.loaded.weights.close()
+        if dp is not None:
+            dp.close()
 
 
 def _quantize(run: Run, start: float) -> QuantizeResult:
@@ -74,9 +82,17 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         return _run(run, start, None)
     checkpoint.check_not_inputs(output_dir, _inputs(run))
     checkpoint.check_output(output_dir, overwrite=True)   # a folder path in a writable place (for the lock)
+    if run.dp is not None and not run.dp.is_main:    # rank 0 holds the lock and writes the checkpoint
+        run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh, run.dp)
+        if run.dp.broadcast(None):
+            return QuantizeResult(output_dir, None, run)
+        return _run(run, start, output_dir)
     with OutputLock.acquire(output_dir):
-        run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh)
-        if published(run, output_dir):
+        run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh, run.dp)
+        already = published(run, output_dir)
+        if run.dp is not None:
+            run.dp.broadcast(already)
+        if already:
             log.info("the interrupted run had already published %s", output_dir)
             return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
         checkpoint.check_output(output_dir, s.overwrite)
@@ -110,8 +126,10 @@ def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
         raise ResourceError(f"writing the output failed ({e.strerror or e}); free disk space and re-run the same "
                             "command to resume") from e
     report = _report(run, loop, output_dir, start)
-    if output_dir:
+    if output_dir and run.writer is not None:
         finish(run, loop, output_dir, report)
+    if run.dp is not None:
+        run.dp.barrier()            # the other ranks return once rank 0 has published the output
     log.info("\n%s", report.render())
     return QuantizeResult(output_dir, report, run, loop.weights)
 
@@ -123,6 +141,8 @@ def identity(run: Run) -> dict:
     model = f"{run.entry.name} example model" if run.tmpdir is not None else os.path.abspath(run.source.path)
     ident = dict(s.fingerprint(), model=model, model_files=model_signature(run.source.path), adapter=run.entry.name)
     ident.update({f"option {k}": v for k, v in options_dict(run.ctx.options).items()})
+    if run.dp is not None:
+        ident["ranks"] = run.dp.size     # the samples are sharded by rank
     return json.loads(json.dumps(ident, sort_keys=True, default=str))   # as it reads back from progress.json
 
 

@@ -93,16 +93,23 @@ class Replayer:
 
     def run(self, block: Block, streams: list[dict], states: list[dict], stream: str,
             indices: list[int] | None = None, batch: int = 1) -> list[dict]:
-        """Run ``block`` on samples ``indices``; returns each sample's output streams (block_outputs)."""
+        """Run ``block`` on samples ``indices``; returns each sample's output streams (block_outputs).
+
+        Data-parallel runs: a sample whose stream is None is another rank's; it is skipped and its
+        output is None (see resources/distributed.py)."""
         indices = list(range(len(streams))) if indices is None else indices
+        held = [i for i in indices if streams[i] is not None]
         if self.max_batch:
             batch = min(batch, self.max_batch)
         results: list[dict] = []
-        for start in range(0, len(indices), max(batch, 1)):
-            chunk = indices[start:start + max(batch, 1)]
+        for start in range(0, len(held), max(batch, 1)):
+            chunk = held[start:start + max(batch, 1)]
             prepared = [self.sample_kwargs(block, i, streams[i], states[i], stream) for i in chunk]
             results.extend(self._forward(block, prepared))
-        return results
+        if len(held) == len(indices):
+            return results
+        out = dict(zip(held, results))
+        return [out.get(i) for i in indices]
 
     def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
         joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(block.ref.number, True) else None
@@ -122,11 +129,20 @@ class Replayer:
 
 def stream_loss(outputs: list[dict], targets: list[dict]) -> torch.Tensor:
     """Mean squared error over every stream of every sample (the tuning loss)."""
+    total, count = stream_sse(outputs, targets)
+    return total / max(count, 1)
+
+
+def stream_sse(outputs: list[dict | None], targets: list[dict | None]) -> tuple[torch.Tensor | None, int]:
+    """Sum of squared errors over every stream of every sample, and the number of elements
+    (samples with output None - another rank's - are skipped)."""
     total, count = None, 0
     for out, target in zip(outputs, targets):
+        if out is None:
+            continue
         for key, value in out.items():
             ref = target[key].to(value.device, value.dtype)
             loss = torch.nn.functional.mse_loss(value.float(), ref.float(), reduction="sum")
             total = loss if total is None else total + loss
             count += value.numel()
-    return total / max(count, 1)
+    return total, count

@@ -8,6 +8,10 @@ and the adapters' per-sample replay state), its checksum recorded in progress.js
 published grows in ``OUT.partial/output``.  Re-running the same command continues from the last
 recorded step; a changed input is refused naming what changed, damaged state is refused naming what is
 damaged - both offer ``--fresh``, which starts over.
+
+Data-parallel runs (several ranks): rank 0 alone reads and writes ``progress.json`` and tells the other
+ranks what it holds; each rank saves the streams of its own samples in ``streams-G-P-rankR.pt``, and
+progress.json records every rank's file and checksum.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import shutil
 import torch
 
 from .. import faults
-from ..errors import ModelFileError, ResourceError, UsageError
+from ..errors import BlockquantError, ModelFileError, ResourceError, UsageError
 from ..export.integrity import HashingFile, check_file
 from .report import BlockRecord
 from .store import GroupState
@@ -71,6 +75,7 @@ class Resume:
         self.identity = identity
         self.saved: dict | None = None
         self.blocks_done = 0
+        self.dp = None          # resources.distributed.DataParallel, or None
         self.record: dict = {"version": STATE_VERSION, "identity": identity, "calibration": None, "group": 0,
                              "position": 0, "last_block": None, "blocks_done": 0, "streams": None, "writer": None,
                              "result": None, "export": []}
@@ -81,7 +86,28 @@ class Resume:
         return os.path.join(self.partial, OUTPUT)
 
     @classmethod
-    def open(cls, partial: str, identity: dict, fresh: bool) -> "Resume":
+    def open(cls, partial: str, identity: dict, fresh: bool, dp=None) -> "Resume":
+        """The run's progress in ``partial``; with ``dp``, rank 0 opens it and the others get its answer."""
+        if dp is None:
+            return cls._open(partial, identity, fresh)
+        outcome = None
+        if dp.is_main:
+            try:
+                outcome = cls._open(partial, identity, fresh)
+            except BlockquantError as e:
+                outcome = e
+        saved = dp.broadcast(outcome.saved if isinstance(outcome, Resume) else outcome)
+        if isinstance(saved, BlockquantError):
+            raise saved
+        resume = outcome if dp.is_main else cls(partial, identity)
+        resume.dp, resume.saved = dp, saved
+        if saved:
+            resume.record, resume.blocks_done = dict(saved), saved["blocks_done"]
+        os.makedirs(os.path.join(partial, "resume"), exist_ok=True)
+        return resume
+
+    @classmethod
+    def _open(cls, partial: str, identity: dict, fresh: bool) -> "Resume":
         path = os.path.join(partial, PROGRESS)
         if os.path.isdir(partial) and (fresh or not os.path.exists(path)):
             shutil.rmtree(partial)   # nothing recorded (stopped before the first block) or discarded
@@ -128,6 +154,8 @@ class Resume:
         if group > self.saved["group"]:
             return None
         streams = self.saved["streams"] or {}
+        if self.dp is not None:
+            streams = streams["ranks"][self.dp.rank]
         path = os.path.join(self.partial, streams.get("file", "resume/streams.pt"))
         check_file(path, streams.get("sha256"), FRESH)
         try:
@@ -141,7 +169,7 @@ class Resume:
         faults.point("block_written")
         folder = os.path.join(self.partial, "resume")
         os.makedirs(folder, exist_ok=True)
-        name = f"streams-{group:03d}-{state.position:05d}.pt"
+        name = f"streams-{group:03d}-{state.position:05d}{self._rank_suffix()}.pt"
         keep = state.streams()
         digest = {}
 
@@ -152,14 +180,23 @@ class Resume:
 
         _atomic_write(os.path.join(folder, name), write)
         faults.point("streams_saved")
+        streams = {"file": f"resume/{name}", "sha256": digest["sha"]}
+        if self.dp is not None:     # every rank's file is on disk before progress.json names them
+            streams = dict(streams, ranks=self.dp.gather(streams))
         self.record.update(group=group, position=state.position, last_block=block.ref.name,
-                           blocks_done=self.blocks_done, streams={"file": f"resume/{name}", "sha256": digest["sha"]},
+                           blocks_done=self.blocks_done, streams=streams,
                            writer=writer.state() if writer is not None else None, result=_result_json(result))
-        self.save()
+        if self.dp is None or self.dp.is_main:
+            self.save()
+        if self.dp is not None:
+            self.dp.barrier()       # progress.json names the new files: the old ones can go
         for old in os.listdir(folder):
-            if old != name:
+            if old != name and old.endswith(f"{self._rank_suffix()}.pt"):
                 os.remove(os.path.join(folder, old))
         faults.point("block_saved")
+
+    def _rank_suffix(self) -> str:
+        return f"-rank{self.dp.rank}" if self.dp is not None else ""
 
     def save(self) -> None:
         self.record["checksum"] = _checksum(self.record)

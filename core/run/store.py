@@ -50,7 +50,7 @@ class GroupState:
 
     @classmethod
     def start(cls, store: "GroupStore") -> "GroupState":
-        streams = [dict(s) for s in store.streams]
+        streams = [None if s is None else dict(s) for s in store.streams]   # None: another rank's sample
         n = len(streams)
         return cls(0, streams, streams, [{} for _ in range(n)], [{} for _ in range(n)])
 
@@ -150,6 +150,20 @@ class GroupStore:
         kwargs.update(self.streams[sample])
         return SampleInputs(index=sample, kwargs=kwargs, extras=self.extras[sample], state=state, stream=stream)
 
+    def place(self, positions: list[int], total: int) -> None:
+        """Renumber the samples held here as samples ``positions`` of ``total`` (a data-parallel rank's
+        share); the places of the other ranks' samples hold None (streams, per-sample, extras)."""
+        def spread(values, empty):
+            out = [empty() for _ in range(total)]
+            for position, value in zip(positions, values):
+                out[position] = value
+            return out
+
+        self.streams = spread(self.streams, lambda: None)
+        self.per_sample = spread(self.per_sample, lambda: None)
+        self.extras = spread(self.extras, lambda: None)
+        self.per_block = {k: spread(v, dict) for k, v in self.per_block.items()}
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part; a tensor referenced several times counts once."""
         seen: set[tuple[int, int]] = set()
@@ -168,11 +182,11 @@ class GroupStore:
             return total
 
         parts = {
-            "streams": count(s for sample in self.streams for s in sample.values()),
+            "streams": count(s for sample in self.streams if sample is not None for s in sample.values()),
             "shared": count(self.shared.values()),
-            "per_sample": count(v for sample in self.per_sample for v in sample.values()),
+            "per_sample": count(v for sample in self.per_sample if sample is not None for v in sample.values()),
             "per_block": count(v for samples in self.per_block.values() for s in samples for v in s.values()),
-            "extras": count(v for sample in self.extras for v in sample.values()),
+            "extras": count(v for sample in self.extras if sample is not None for v in sample.values()),
         }
         parts["total"] = sum(parts.values())
         return parts
