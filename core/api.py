@@ -15,6 +15,8 @@ __all__ = ["quantize", "verify", "make_settings", "prepare", "capture_inputs", "
 
 def make_settings(**kwargs) -> RunSettings:
     """RunSettings from keyword arguments (scheme/bits/group_size/sym folded into a QuantScheme)."""
+    explicit = kwargs.pop("explicit", None)
+    explicit = tuple(sorted(kwargs if explicit is None else explicit))
     scheme = kwargs.pop("scheme", None)
     if not isinstance(scheme, QuantScheme):
         scheme = QuantScheme.from_args(scheme, kwargs.pop("bits", None), kwargs.pop("group_size", None), kwargs.pop("sym", None))
@@ -22,7 +24,7 @@ def make_settings(**kwargs) -> RunSettings:
         kwargs.pop(k, None)
     known = RunSettings.__dataclass_fields__
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
-    settings = RunSettings(scheme=scheme, **kwargs)
+    settings = RunSettings(scheme=scheme, explicit=explicit, **kwargs)
     settings.extra.update(extra)
     return settings
 

@@ -15,6 +15,9 @@ SCHEMES = {
     "W8A16": dict(bits=8, group_size=128, sym=True),
 }
 FORMATS = ("auto_round", "auto_gptq", "fake")
+# A run on an adapter's tiny example model (no MODEL given) is a demo: example-sized calibration and
+# tuning, for the settings the user does not pass.  ExampleModel.settings can change them per adapter.
+EXAMPLE_SETTINGS = dict(nsamples=16, seqlen=128, iters=50)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,15 @@ class RunSettings:
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
     verbose: bool = False
     extra: dict = field(default_factory=dict)
+    explicit: tuple[str, ...] = ()    # the settings the caller chose; the others are defaults
+
+    def apply_defaults(self, values: dict) -> dict:
+        """Set ``values`` for the settings the caller did not choose; returns those that changed."""
+        changed = {k: v for k, v in values.items() if k not in self.explicit and getattr(self, k, v) != v}
+        for key, value in changed.items():
+            setattr(self, key, value)
+        self.__post_init__()
+        return changed
 
     def __post_init__(self):
         for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "num_inference_steps"):

@@ -38,6 +38,7 @@ def adapter_info():
         architectures=("FluxTransformer2DModel",),
         pipelines=(PIPELINE_CLASS,),
         requires={"diffusers": ">=0.35,<1"},
+        needs={"diffusers": "blockquant[flux]", "PIL": "blockquant[flux]"},
     )
 
 
@@ -100,4 +101,5 @@ def example_model():
     return ExampleModel(
         name="flux-tiny", model=pipe.transformer, processor=pipe.tokenizer_2,
         save=lambda folder: save_pipeline(pipe, os.fspath(folder)), pipeline=pipe,
+        settings={"nsamples": 4, "num_inference_steps": 2},   # 4 prompts x 2 steps = 8 samples
     )

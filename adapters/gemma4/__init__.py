@@ -23,7 +23,7 @@ from . import model as _model
 from . import patches as _patches
 from . import replay as _replay
 from . import versions as _versions
-from .example import example_multimodal, example_text
+from .example import example_default, example_multimodal, example_text
 
 NAME = "gemma4"
 
@@ -108,4 +108,4 @@ def block_outputs(block, index, output, inputs, cached):
 
 @hookimpl
 def example_model():
-    return example_text()
+    return example_default()

@@ -16,7 +16,7 @@ from blockquant import AdapterInfo, hookimpl
 
 from . import calibration as _calibration
 from . import replay as _replay
-from .example import example_qwen3, example_qwen25
+from .example import example_default, example_qwen3, example_qwen25
 
 NAME = "qwen_vl"
 TEXT_BLOCKS = "model.language_model.layers"
@@ -39,6 +39,7 @@ def adapter_info():
         model_types=("qwen2_5_vl", "qwen3_vl"),
         architectures=("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"),
         requires={"transformers": ">=5.5.4,<6"},
+        needs={"PIL": "blockquant[vision]"},
     )
 
 
@@ -99,4 +100,4 @@ def block_outputs(block, index, output, inputs, cached):
 
 @hookimpl
 def example_model():
-    return example_qwen25()
+    return example_default()

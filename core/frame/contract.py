@@ -19,6 +19,9 @@ class AdapterInfo:
     pipelines: tuple[str, ...] = ()          # model_index.json "_class_name" values (diffusers)
     requires: dict[str, str] = field(default_factory=dict)  # distribution -> PEP 440 specifier
     generic: bool = False                    # a fallback: chosen only when nothing specific matches
+    # Optional modules the adapter imports only when it runs: importable module -> what installs it
+    # (e.g. {"diffusers": "blockquant[flux]"}).  Missing ones make the adapter "needs: ..." instead of broken.
+    needs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +108,9 @@ class ExampleModel:
     processor: Any = None           # tokenizer, processor, or None
     save: Callable[[str], None] | None = None   # writes a hub-like folder
     pipeline: Any = None            # diffusers pipeline, when the family has one
+    # Run settings of a run on this example (``quant --adapter NAME`` without a model) that the user did
+    # not set, over the engine's EXAMPLE_SETTINGS (e.g. {"nsamples": 4} where one sample makes many).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, name: str, model, processor=None) -> "ExampleModel":

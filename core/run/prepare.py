@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from ..config import RunSettings
+from ..config import EXAMPLE_SETTINGS, RunSettings
 from ..errors import AdapterError, UsageError
 from ..export.formats import check_format
 from ..frame import plugins
@@ -72,6 +72,9 @@ def _example_folder(run: Run) -> str:
     folder = os.path.join(run.tmpdir.name, example.name)
     example.save(folder)
     log.info("no model given: using %s's tiny example model %s", run.entry.name, example.name)
+    changed = run.settings.apply_defaults({**EXAMPLE_SETTINGS, **example.settings})
+    if changed:
+        log.info("example-sized run: %s (pass them to choose)", ", ".join(f"--{k} {v}" for k, v in changed.items()))
     return folder
 
 
