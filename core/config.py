@@ -119,6 +119,12 @@ class RunSettings:
             raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
 
     @property
+    def weights_only(self) -> bool:
+        """RTN (--iters 0) with nothing that asks for data: quantize straight from the streamed weights,
+        without calibration, capture or replay (round-to-nearest does not look at activations)."""
+        return self.iters == 0 and not (self.dataset or self.images)
+
+    @property
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else (1.0 / self.iters if self.iters else 0.0)
 

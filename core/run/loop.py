@@ -63,12 +63,13 @@ class BlockLoop:
     def run(self) -> LoopResult:
         ctx = self.ctx
         for g, chain in enumerate(ctx.groups):
-            store = ctx.stores[g]
-            replayer = Replayer(ctx.pm.hook, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
-            n = len(store)
+            # no stores: RTN straight from the weights (settings.weights_only), nothing to replay
+            store = ctx.stores[g] if ctx.stores else None
+            replayer = Replayer(ctx.pm.hook, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size) if store is not None else None
+            n = len(store) if store is not None else 0
             state = ctx.resume.restore_group(g, n) if ctx.resume else None
             if state is None:
-                streams = [dict(s) for s in store.streams]
+                streams = [dict(s) for s in store.streams] if store is not None else []
                 state = {"position": 0, "fp": streams, "quant": streams,
                          "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
             for block in chain[state["position"]:]:
@@ -79,7 +80,8 @@ class BlockLoop:
                                 "use --cache_device cpu to stay on the GPU)", block.ref.name)
                     devices.fall_back_to_cpu(ctx)
                     ctx.loader.release(block)   # streamed: the retry reads the original weights again
-                    replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
+                    if replayer is not None:
+                        replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
                     self._one_block(block, replayer, state)
                 state["position"] = block.ref.position + 1
                 if ctx.resume:
@@ -87,7 +89,7 @@ class BlockLoop:
                 ctx.check_interrupt()
         return self.result
 
-    def _one_block(self, block: Block, replayer: Replayer, state: dict) -> None:
+    def _one_block(self, block: Block, replayer: Replayer | None, state: dict) -> None:
         ctx, s = self.ctx, self.s
         start = time.time()
         ctx.loader.load(block)
@@ -97,7 +99,7 @@ class BlockLoop:
             p.requires_grad_(False)
         choice = choose_layers(block, s.scheme, ctx.traits.fp_layers, s.ignore_layers)
         self.result.kept.update(choice.kept)
-        tune = s.iters > 0 and bool(choice.quantize)
+        tune = s.iters > 0 and bool(choice.quantize) and replayer is not None
         batch = s.batch_size
         with torch.no_grad():
             targets = replayer.run(block, state["fp"], state["fp_states"], "fp", batch=batch) if tune else None
@@ -112,7 +114,7 @@ class BlockLoop:
             t0 = time.time()
             with ctx.autocast():
                 result = tune_block(
-                    choice.quantize, s.scheme, loss_fn, len(state["quant"]), iters=s.iters, lr=s.effective_lr,
+                    choice.quantize, s.scheme, loss_fn, max(len(state["quant"]), 1), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
                 )
@@ -121,19 +123,8 @@ class BlockLoop:
             record.first_loss, record.best_loss, record.best_iter = result.first_loss, result.best_loss, result.best_iter
             record.rtn_fallback = result.fell_back_to_rtn
             self.result.quantized.extend(choice.quantize)
-        with torch.no_grad():
-            outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=batch)
-        if not all(_finite(o) for o in outputs):
-            raise BlockquantError(
-                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
-                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
-        cache = ctx.cache_device
-        state["quant"] = [to_device(o, cache) for o in outputs]
-        if targets is not None:
-            state["fp"] = [to_device(t, cache) for t in targets]
-        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
-            state["fp"] = state["quant"]
-            state["fp_states"] = [dict(s) for s in state["quant_states"]]
+        if replayer is not None:
+            self._advance(block, replayer, state, targets)
         if ctx.writer is not None:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()
@@ -148,6 +139,23 @@ class BlockLoop:
         record.seconds = time.time() - start
         self.result.blocks.append(record)
         ctx.progress.block_done(block.ref.name, **_progress_info(record))
+
+    def _advance(self, block: Block, replayer: Replayer, state: dict, targets) -> None:
+        """The quantized block's outputs become the next block's inputs (both streams)."""
+        ctx = self.ctx
+        with torch.no_grad():
+            outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=self.s.batch_size)
+        if not all(_finite(o) for o in outputs):
+            raise BlockquantError(
+                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
+                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
+        cache = ctx.cache_device
+        state["quant"] = [to_device(o, cache) for o in outputs]
+        if targets is not None:
+            state["fp"] = [to_device(t, cache) for t in targets]
+        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
+            state["fp"] = state["quant"]
+            state["fp_states"] = [dict(s) for s in state["quant_states"]]
 
 
 def _finite(value) -> bool:

@@ -80,11 +80,16 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(total_blocks, log, done=done)
-    capture_inputs(run)
+    if s.weights_only:
+        run.stores = []     # the block loop quantizes each block's weights as they stream in
+        log.info("quantizing %d block(s) in %d group(s): %s, RTN straight from the checkpoint (no calibration data, "
+                 "no replay)", total_blocks, len(run.groups), _scheme_label(s))
+    else:
+        capture_inputs(run)
+        log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", total_blocks, len(run.groups),
+                 _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     if run.loaded.weights is not None and not run.keep_blocks:
         release_embeddings(run.model)
-    log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", total_blocks, len(run.groups),
-             _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     try:
         with signals_caught(run):
             loop = BlockLoop(run).run()
@@ -160,6 +165,8 @@ def _report(run: Run, loop, output_dir: str | None, start: float) -> RunReport:
     report.capture_seconds = run.capture_seconds
     report.tuning_seconds = loop.tuning_seconds
     report.wall_seconds = time.time() - start
+    if s.weights_only:
+        report.notes.append("RTN straight from the checkpoint weights: no calibration data, no capture, no replay")
     if run.resume and run.resume.saved:
         report.notes.append(f"resumed after {run.resume.saved.get('last_block')}")
     report.measure_memory()
