@@ -54,6 +54,7 @@ def tune_block(
     gradient_accumulate_steps: int,
     seed: int,
     log=None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
@@ -61,6 +62,7 @@ def tune_block(
     Each iteration draws ``gradient_accumulate_steps`` mini-batches of min(batch_size, nsamples)
     indices from a generator seeded with ``seed``.  A NaN/Inf loss stops tuning and the block falls
     back to RTN.  ``log``: a logging.Logger or a callable taking one line (None: silent).
+    ``progress(iterations_done, loss)`` is called after every iteration (e.g. a rate-limited log line).
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -74,7 +76,7 @@ def tune_block(
         for name, layer in layers.items():
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
-        first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log)
+        first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log, progress)
     except BaseException:
         for st in states.values():       # leave the layers as they were
             st.finish(None)
@@ -128,7 +130,7 @@ class _Run:
         out, self._perm = self._perm[:self.batch], self._perm[self.batch:]
         return out
 
-    def tune(self, iters, lr, minmax_lr, log):
+    def tune(self, iters, lr, minmax_lr, log, progress=None):
         """Returns (first_loss, best_loss, best_iter, iters_run, fell_back_to_rtn)."""
         vs = [st.v for st in self.states]
         scales = [p for st in self.states for p in (st.min_scale, st.max_scale) if p.requires_grad]
@@ -152,6 +154,8 @@ class _Run:
                         return first, None, None, it, True
                     if it == 0:
                         first = loss
+                    if progress is not None:
+                        progress(it + 1, loss)
                     if self.accumulate > 1:
                         for p in vs + scales:
                             self._step_now(p)

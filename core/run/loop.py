@@ -16,7 +16,7 @@ from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
 from ..model.model_io import all_finite
 from .replay import Replayer, stream_loss
-from .report import BlockRecord
+from .report import BlockRecord, TuningProgress
 from .resume import restore_result
 from .store import to_device
 from ..model.streaming import free_memory
@@ -117,6 +117,7 @@ class BlockLoop:
                     choice.quantize, s.scheme, loss_fn, max(len(state["quant"]), 1), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                    progress=TuningProgress(block.ref.name, s.iters, log),
                 )
             self.result.tuning_seconds += time.time() - t0
             quantized = result.weights

@@ -22,7 +22,7 @@ from .calibrate import capture_inputs
 from .context import Abandon, Run, signals_caught
 from .loop import BlockLoop
 from .prepare import prepare
-from .report import Progress, RunReport
+from .report import Progress, RunReport, format_duration
 from .resume import Resume
 
 log = logging.getLogger("blockquant")
@@ -163,12 +163,14 @@ def _report(run: Run, loop, output_dir: str | None, start: float) -> RunReport:
     for name, reason in loop.kept.items():
         report.keep_fp(name, reason)
     report.capture_seconds = run.capture_seconds
-    report.tuning_seconds = loop.tuning_seconds
+    earlier = ((run.resume.saved or {}).get("result") or {}).get("tuning_seconds", 0.0) if run.resume else 0.0
+    report.tuning_seconds = loop.tuning_seconds - earlier     # this process's share, like the wall time
     report.wall_seconds = time.time() - start
     if s.weights_only:
         report.notes.append("RTN straight from the checkpoint weights: no calibration data, no capture, no replay")
     if run.resume and run.resume.saved:
-        report.notes.append(f"resumed after {run.resume.saved.get('last_block')}")
+        report.notes.append(f"resumed after {run.resume.saved.get('last_block')}: times are this run's; the "
+                            f"earlier run(s) tuned for {format_duration(earlier)}")
     report.measure_memory()
     return report
 
