@@ -14,6 +14,7 @@ from ..export.formats import check_format
 from ..frame import plugins
 from ..frame.contract import Traits
 from ..model.blocks import resolve_groups
+from ..model.published import publish_like
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from ..model.streaming import BlockLoader
 from ..resources import devices
@@ -71,7 +72,8 @@ def _example_folder(run: Run) -> str:
     run.tmpdir = tempfile.TemporaryDirectory(prefix=f"blockquant-{run.entry.name}-example-")
     folder = os.path.join(run.tmpdir.name, example.name)
     example.save(folder)
-    log.info("no model given: using %s's tiny example model %s", run.entry.name, example.name)
+    publish_like(folder)    # stored as models are published: bfloat16 shards with an index
+    log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
     changed = run.settings.apply_defaults({**EXAMPLE_SETTINGS, **example.settings})
     if changed:
         log.info("example-sized run: %s (pass them to choose)", ", ".join(f"--{k} {v}" for k, v in changed.items()))
