@@ -31,6 +31,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         if not adapter:
             raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
         run.entry = plugins.get_adapter(adapter, entries)
+        plugins.check_versions(run.entry)      # before the example is built
         model = _example_folder(run)
     run.source = ModelSource.resolve(model)
     if run.entry is None:
