@@ -7,12 +7,12 @@ from .api import quantize, verify
 from .config import QuantScheme, RunSettings
 from .errors import BlockquantError, UsageError
 from .export.loading import load_quantized
-from .frame.contract import AdapterInfo, BlockRef, ExampleModel, SampleInputs, Traits
+from .frame.contract import AdapterInfo, BlockRef, ExampleModel, RunContext, SampleInputs, Stash, StashKey, Traits
 from .frame.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "verify", "load_quantized", "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "SampleInputs",
-    "Traits", "QuantScheme", "RunSettings", "BlockquantError", "UsageError", "__version__",
+    "quantize", "verify", "load_quantized", "hookimpl", "AdapterInfo", "BlockRef", "ExampleModel", "RunContext",
+    "SampleInputs", "Stash", "StashKey", "Traits", "QuantScheme", "RunSettings", "BlockquantError", "UsageError", "__version__",
 ]

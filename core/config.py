@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -92,24 +90,35 @@ class RunSettings:
     fresh: bool = False               # discard an interrupted run's state instead of resuming
     max_shard_size: int = 2 * 1024 ** 3
     variable_inputs: str | None = None    # override the adapter's policy
-    quant_vision: bool = False        # VLMs: also quantize the vision tower's blocks
+    include_groups: tuple[str, ...] = ()  # optional block groups to quantize too (Traits.optional_groups)
     images: str | None = None         # folder / .jsonl of images for image+text calibration
-    num_inference_steps: int = 4      # diffusion calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
-    extra: dict = field(default_factory=dict)
-    explicit: tuple[str, ...] = ()    # the settings the caller chose; the others are defaults
+    options: dict = field(default_factory=dict)   # the adapter's options, raw (validated against AdapterInfo.options)
+    explicit: tuple[str, ...] = ()    # the settings (and options) the caller chose; the others are defaults
 
     def apply_defaults(self, values: dict) -> dict:
-        """Set ``values`` for the settings the caller did not choose; returns those that changed."""
-        changed = {k: v for k, v in values.items() if k not in self.explicit and getattr(self, k, v) != v}
-        for key, value in changed.items():
-            setattr(self, key, value)
+        """Set ``values`` (settings, or adapter options) that the caller did not choose; returns those that
+        changed."""
+        fields = self.__dataclass_fields__
+        changed = {}
+        for key, value in values.items():
+            if key in self.explicit:
+                continue
+            current = getattr(self, key) if key in fields else self.options.get(key)
+            if current != value:
+                changed[key] = value
+                if key in fields:
+                    setattr(self, key, value)
+                else:
+                    self.options[key] = value
         self.__post_init__()
         return changed
 
     def __post_init__(self):
-        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "num_inference_steps"):
+        self.include_groups = tuple(self.include_groups)
+        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UsageError(f"--{name} must be a positive integer (got {value})")
@@ -136,11 +145,9 @@ class RunSettings:
         """The settings that determine the output bytes."""
         keys = ("iters", "lr", "minmax_lr", "amp", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
                 "dataset", "seed", "to_quant_block_names", "ignore_layers", "format", "variable_inputs",
-                "quant_vision", "images", "num_inference_steps")
+                "include_groups", "images")
         out = {k: getattr(self, k) for k in keys}
         out["ignore_layers"] = list(self.ignore_layers)
+        out["include_groups"] = list(self.include_groups)
         out["scheme"] = dataclasses.asdict(self.scheme)
         return out
-
-    def fingerprint_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

@@ -6,6 +6,10 @@ The CLI prints ``error: <message>`` on stderr (no traceback unless --verbose) an
 from __future__ import annotations
 
 
+class ControlFlow(Exception):
+    """Not an error: the engine ends a forward early (capture, an abandoned block).  Passes through hooks."""
+
+
 class BlockquantError(Exception):
     """Base class: an error with a clear, one-line first message."""
 
@@ -42,3 +46,8 @@ class Interrupted(BlockquantError):
     """The run was stopped by a signal; its state is resumable."""
 
     exit_code = 1
+
+
+class HookError(BlockquantError):
+    """An adapter's hook raised an exception that is not a blockquant error (a bug in the adapter, or a
+    model it does not handle); the message names the adapter, the hook and the exception."""

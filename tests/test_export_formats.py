@@ -1,6 +1,6 @@
 """auto_round / auto_gptq layouts: packing, layer tensors, quantization_config, QuantLinear, loading.
 
-Written tensors are read back from disk and dequantized here, independently, with the FORMATS.md
+Written tensors are read back from disk and dequantized here, independently, with the docs/formats.md
 formula ``W[o, i] = scales[g, o] * (q[i, o] - (stored_zero[g, o] + offset))``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ OUT, IN = 64, 256
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """FORMATS.md, 2/4/8 bits: word r holds values r*(32/b)+j in bits [j*b, (j+1)*b)."""
+    """docs/formats.md, 2/4/8 bits: word r holds values r*(32/b)+j in bits [j*b, (j+1)*b)."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, -1, 1)
     return ((packed.unsqueeze(1) >> shifts) & (2 ** bits - 1)).reshape(-1, packed.shape[1])
 

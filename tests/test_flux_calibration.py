@@ -13,6 +13,7 @@ from blockquant.adapters.flux.prompts import DEFAULT_PROMPTS, read_prompts  # no
 from blockquant.run.capture import StopForward  # noqa: E402
 from blockquant.config import RunSettings  # noqa: E402
 from blockquant.errors import DataError, UsageError  # noqa: E402
+from blockquant.frame.options import parse_options  # noqa: E402
 
 
 STEPS = 3
@@ -59,8 +60,9 @@ def test_prompt_source_errors(tmp_path, monkeypatch):
 def test_plan_cycles_prompts_with_distinct_seeds(example):
     from blockquant.data.calibration_data import CalibrationSource
 
-    settings = RunSettings(nsamples=5, num_inference_steps=STEPS, seqlen=2048, seed=7)
-    batches = cal.calibration_plan(example.model, CalibrationSource(spec=["one", "two"]), settings)
+    settings = RunSettings(nsamples=5, seqlen=2048, seed=7)
+    batches = cal.calibration_plan(example.model, CalibrationSource(spec=["one", "two"]), settings,
+                                   flux.Options(num_inference_steps=STEPS))
     assert [b["prompt"] for b in batches] == ["one", "two", "one", "two", "one"]
     assert [b["seed"] for b in batches] == [7, 8, 9, 10, 11]
     b = batches[0]
@@ -70,10 +72,12 @@ def test_plan_cycles_prompts_with_distinct_seeds(example):
 
 
 def test_plan_rejects_bad_options(example):
-    with pytest.raises(UsageError, match="flux_trajectory"):
-        cal.calibration_plan(example.model, None, RunSettings(nsamples=1, extra={"flux_trajectory": "fast"}))
+    with pytest.raises(UsageError, match=r"option 'trajectory' of adapter 'flux': 'fast' is invalid"):
+        parse_options(flux.Options, {"trajectory": "fast"}, "flux")
+    with pytest.raises(UsageError, match="num_inference_steps must be a positive integer"):
+        parse_options(flux.Options, {"num_inference_steps": "0"}, "flux")
     with pytest.raises(UsageError, match="divisible by 16"):
-        cal.calibration_plan(example.model, None, RunSettings(nsamples=1, extra={"height": 40}))
+        cal.calibration_plan(example.model, None, RunSettings(nsamples=1), flux.Options(height=40))
 
 
 def _drive(example, mode, images=None):
@@ -85,9 +89,8 @@ def _drive(example, mode, images=None):
     handles = [b.register_forward_hook(lambda m, a, o, i=i: done.__setitem__(i, done[i] + 1)) for i, b in enumerate(chain)]
     handles.append(tr.register_forward_pre_hook(lambda m, a, k: inputs.append(k["hidden_states"].clone()), with_kwargs=True))
     cal.install_stop_hook(tr, lambda module, fn: handles.append(module.register_forward_pre_hook(fn, with_kwargs=True)))
-    settings = RunSettings(nsamples=1, num_inference_steps=STEPS, seqlen=16, images=images,
-                           extra={"flux_trajectory": mode})
-    batch = cal.calibration_plan(tr, None, settings)[0]
+    settings = RunSettings(nsamples=1, seqlen=16, images=images)
+    batch = cal.calibration_plan(tr, None, settings, flux.Options(num_inference_steps=STEPS, trajectory=mode))[0]
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
             cal.run_pipeline(tr, batch)
@@ -139,7 +142,7 @@ def test_a_run_keeps_accelerate_hooks_on_the_transformer(example):
     dispatch_model(tr, device_map={"": "cpu"}, force_hooks=True)
     try:
         wrapped = vars(tr)["forward"]
-        batch = cal.calibration_plan(tr, None, RunSettings(nsamples=1, num_inference_steps=2, seqlen=16))[0]
+        batch = cal.calibration_plan(tr, None, RunSettings(nsamples=1, seqlen=16), flux.Options(num_inference_steps=2))[0]
         with torch.no_grad():
             cal.run_pipeline(tr, batch)
         assert vars(tr)["forward"] is wrapped

@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["denoise", "capture_only"])
 def test_replay_matches_the_transformer_over_denoising_steps(folder, mode):
-    report = api.verify(folder, "flux", flux_trajectory=mode, **SMALL)
+    report = api.verify(folder, "flux", trajectory=mode, **SMALL)
     assert report.ok, report.render()
     assert report.samples == SMALL["nsamples"] * STEPS      # every step of every prompt is a sample
     names = [b.name for b in report.blocks]
@@ -99,7 +99,7 @@ def test_cli_quantizes_the_example_pipeline(tmp_path):
     from blockquant.frame.cli import main
 
     out = tmp_path / "cli-out"
-    rc = main(["--adapter", "flux", "--nsamples", "1", "--num_inference_steps", "2", "--seqlen", "16",
+    rc = main(["--adapter", "flux", "--nsamples", "1", "--set", "num_inference_steps=2", "--seqlen", "16",
                "--iters", "0", "--device", "cpu", "--output_dir", str(out)])
     assert rc == 0
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

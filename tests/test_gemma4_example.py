@@ -10,7 +10,7 @@ import torch
 from blockquant import api
 from blockquant.frame import plugins
 from blockquant.adapters import gemma4
-from blockquant.adapters.gemma4 import processor as gprocessor
+from blockquant.data.processors import load_processor
 from blockquant.errors import DataError
 from blockquant.data.image_data import draw_shape
 from blockquant.model.model_io import ModelSource
@@ -54,8 +54,8 @@ def test_multimodal_example_processes_an_image_and_reloads(saved):
     assert image_tokens == (batch["mm_token_type_ids"] == 1).sum().item() > 0
     with torch.no_grad():
         logits = example.model(**batch, use_cache=False).logits
-    loaded = gprocessor.load_processor(folder, multimodal=True)
-    assert type(loaded).__name__ == "Gemma4ImageTextProcessor"
+    loaded = load_processor(folder)     # no torchvision here: assembled from its parts
+    assert type(loaded).__name__ == "Gemma4ProcessorPartial"
     again = loaded(text=["<|image|> a red circle"], images=[[image]], return_tensors="pt")
     assert all(torch.equal(again[k], batch[k]) for k in batch)
     reloaded = transformers.Gemma4ForConditionalGeneration.from_pretrained(folder).eval()
@@ -75,9 +75,9 @@ def _calibration(folder, **settings):
     from blockquant.data.calibration_data import CalibrationSource
 
     processor = run.loaded.processor
-    source = CalibrationSource(tokenizer=getattr(processor, "tokenizer", processor), processor=processor,
-                               images=run.settings.images)
-    return run, run.pm.hook.calibration_batches(model=run.model, source=source, settings=run.settings)
+    source = CalibrationSource(spec=run.settings.dataset, tokenizer=getattr(processor, "tokenizer", processor),
+                               processor=processor, images=run.settings.images)
+    return run, run.hooks.calibration_batches(model=run.model, source=source, settings=run.settings)
 
 
 def test_image_calibration_from_a_jsonl_and_a_folder(saved, tmp_path):
@@ -92,7 +92,8 @@ def test_image_calibration_from_a_jsonl_and_a_folder(saved, tmp_path):
         run, batches = _calibration(folder, images=images, nsamples=3, seqlen=90)
         assert len(batches) == 3
         for batch in batches:
-            assert set(batch) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids"}
+            assert set(batch) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                                  "image_position_ids", "use_cache"}
             assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[-1] <= 90
             assert (batch["mm_token_type_ids"] == 1).any()
     # long captions (folder) were cut to the budget, short ones (jsonl) kept whole
@@ -104,5 +105,10 @@ def test_text_calibration_is_the_engines_and_vision_needs_images(saved):
     _, batches = _calibration(text_folder, nsamples=2, seqlen=16)
     assert len(batches) == 2 and set(batches[0]) == {"input_ids", "attention_mask"}
     _, mm_folder = saved["mm"]
+    _, batches = _calibration(mm_folder, nsamples=2, seqlen=64)     # no data given: synthetic images
+    assert len(batches) == 2 and all((b["mm_token_type_ids"] == 1).any() for b in batches)
+    texts = os.path.join(os.path.dirname(mm_folder), "texts.txt")
+    with open(texts, "w") as f:
+        f.write("plain text only\n" * 20)
     with pytest.raises(DataError, match="--images"):
-        _calibration(mm_folder, quant_vision=True, nsamples=2, seqlen=16)
+        _calibration(mm_folder, quant_vision=True, dataset=texts, nsamples=2, seqlen=16)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from blockquant.frame import plugins
@@ -46,8 +45,8 @@ def test_patch_is_idempotent_and_changes_no_value():
     model, ids = example.model, _ids(example)
     before = _logits(model, ids)
     pm = _manager()
-    pm.hook.patch_model(model=model)
-    pm.hook.patch_model(model=model)
+    pm.hook.patch_model(model=model, ctx=None)
+    pm.hook.patch_model(model=model, ctx=None)
     assert _hook_counts(model) == [1, 1, 1, 1]
     assert patches.apply(model) == 0
     assert torch.equal(_logits(model, ids), before)
@@ -63,48 +62,59 @@ def test_patch_survives_accelerate_dispatch_and_hook_removal(patch_after_dispatc
     expected = _logits(model, ids)
     pm = _manager()
     if not patch_after_dispatch:
-        pm.hook.patch_model(model=model)
+        pm.hook.patch_model(model=model, ctx=None)
     dispatch_model(model, device_map=_per_layer_cpu_map(model), force_hooks=True)
     assert all(hasattr(layer, "_hf_hook") for layer in model.model.layers)
     if patch_after_dispatch:
-        pm.hook.patch_model(model=model)
+        pm.hook.patch_model(model=model, ctx=None)
     assert torch.equal(_logits(model, ids), expected)     # KV-shared layers see what the storing layers wrote
     remove_hook_from_submodules(model)
-    pm.hook.post_hook_removal(model=model)
+    pm.hook.post_hook_removal(model=model, ctx=None)
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())
     assert _hook_counts(model) == [1, 1, 1, 1]
     assert torch.equal(_logits(model, ids), expected)
 
 
 def test_without_the_patch_dispatch_breaks_kv_sharing_on_plain_dict_releases():
-    """Control: on 5.5.4-5.6.x (a plain dict) accelerate copies the state per layer; 5.23 needs no patch."""
+    """Control: with a plain-dict layout accelerate copies the state per layer; KVSharingDict needs no patch."""
     from accelerate import dispatch_model
 
     example = gemma4.example_text()
     model, ids = example.model, _ids(example)
     expected = _logits(model, ids)
     dispatch_model(model, device_map=_per_layer_cpu_map(model), force_hooks=True)
-    if versions.kv_strategy() is versions.BY_INDEX:
+    if type(versions.kv_strategy().new_state()) is dict:
         with pytest.raises(KeyError):
             _logits(model, ids)
     else:
         assert torch.equal(_logits(model, ids), expected)
 
 
-@pytest.mark.parametrize("version, supported", [
-    ("5.4.0", False), ("5.5.0", False), ("5.5.3", False), ("5.5.4", True), ("5.6.2", True), ("5.7.0", False),
-    ("5.17.0", False), ("5.22.2", False), ("5.23.0", True), ("5.24.0", False), ("6.0.0", False),
+@pytest.mark.parametrize("container, keys, strategy", [
+    ("dict", "index", versions.BY_INDEX), ("dict", "type", versions.BY_TYPE_DICT),
+    ("KVSharingDict", "type", versions.BY_TYPE),
 ])
-def test_version_gate_names_the_supported_range(version, supported):
-    message = versions.refusal(Version(version))
-    assert (message is None) == supported
-    assert (Version(version) in SpecifierSet(versions.requirement())) == supported
-    if not supported:
-        assert "5.5.4-5.6.x or 5.23.x" in message and "pip install" in message
-        with pytest.raises(VersionError):
-            versions.kv_strategy(Version(version))
-    if version == "5.5.3":
-        assert "use_cache" in message
+def test_each_known_layout_has_its_strategy(container, keys, strategy):
+    assert versions.strategy_for(versions.Probe(container, keys), Version("5.30.0")) is strategy
+
+
+def test_unknown_layouts_are_refused_naming_what_was_seen():
+    with pytest.raises(VersionError, match="use_cache"):
+        versions.strategy_for(versions.Probe(None, None), Version("5.5.2"))
+    with pytest.raises(VersionError, match=r"passes Gemma 4's shared KV state as a KVSharingList keyed by index"):
+        versions.strategy_for(versions.Probe("KVSharingList", "index"), Version("5.40.0"))
+
+
+def test_a_newer_release_with_a_known_layout_runs_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(versions, "installed", lambda: Version("5.99.0"))
+    versions.kv_strategy.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="blockquant"):
+            strategy = versions.kv_strategy()
+    finally:
+        versions.kv_strategy.cache_clear()
+    assert strategy in versions.LAYOUTS.values()
+    assert "5.99.0 is newer than" in caplog.text
 
 
 def test_requirement_is_declared_in_adapter_info():
@@ -118,7 +128,6 @@ def test_installed_release_stores_shared_kv_as_its_strategy_says():
     example = gemma4.example_text()
     model, ids = example.model, _ids(example)
     strategy = versions.kv_strategy()
-    assert strategy is (versions.BY_INDEX if versions.installed() < Version("5.7") else versions.BY_TYPE)
     seen = {}
 
     def grab(module, args, kwargs):

@@ -86,7 +86,7 @@ def test_cache_fallback_replays_too(folders):
 
 def test_replay_without_rebuild_breaks_on_the_full_attention_layer(folders, monkeypatch):
     """Control: giving every block block 0's (sliding) inputs fails as the reported crash did."""
-    def only_shared_kv(block, cached, strategy):
+    def only_shared_kv(block, cached, strategy, inner, only_shared_kv):
         return {"shared_kv_states": replay.shared_kv(block, cached, strategy)}
 
     monkeypatch.setattr(replay, "rebuild", only_shared_kv)

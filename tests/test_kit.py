@@ -14,6 +14,8 @@ import types
 import pytest
 import torch
 
+from blockquant.frame.contract import RunContext
+from blockquant.frame.hooks import AdapterHooks
 from blockquant.run.prepare import pin_traits
 from blockquant import AdapterInfo, api, hookimpl
 from blockquant.frame import hookspecs
@@ -79,10 +81,11 @@ def test_unknown_trait_is_named():
     module = _module("typo_trait", fixed_attrs=lambda model: {"block_group": [["model.layers"]]})
     entry = plugins.AdapterEntry(name="typo_trait", module=module)
     entry.info, entry.hooks = plugins.check_adapter("typo_trait", module)
-    run = api.Run(settings=api.make_settings(nsamples=2, seqlen=16), entry=entry, pm=plugins.run_manager(entry))
+    ctx = RunContext(settings=api.make_settings(nsamples=2, seqlen=16))
+    run = api.Run(ctx=ctx, entry=entry, hooks=AdapterHooks(plugins.run_manager(entry), ctx, "typo_trait"))
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
-    run.loaded = LoadedModel(model=model)
+    ctx.loaded = LoadedModel(model=model)
     with pytest.raises(AdapterError, match=r"adapter 'typo_trait' returned unknown trait\(s\) block_group"):
         pin_traits(run)
     with pytest.raises(AdapterError, match="unknown trait.*max_batch"):

@@ -1,4 +1,4 @@
-"""Image + text calibration data (core/image_data.py) and the qwen_vl calibration batches."""
+"""Image + text calibration data (core/data/image_data.py, core/data/image_batches.py) on the qwen_vl example."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from blockquant.data import image_data
 from blockquant.adapters import qwen_vl
-from blockquant.adapters.qwen_vl import calibration
+from blockquant.data import image_batches, image_data
+from blockquant.frame import defaults
+from blockquant.frame.contract import RunContext
 from blockquant.data.calibration_data import CalibrationSource
 from blockquant.config import RunSettings
 from blockquant.errors import DataError
@@ -93,65 +94,70 @@ def test_bad_image_sources_are_data_errors(tmp_path, monkeypatch, make, message)
         image_data.image_text_samples(str(spec), 4)
 
 
-# ----------------------------------------------------------------------------- calibration batches
+# ----------------------------------------------------------------------------- calibration batches (core)
 
 def _source(example, spec=None, images=None):
     return CalibrationSource(spec=spec, tokenizer=example.processor.tokenizer, processor=example.processor, images=images)
 
 
-def test_calibration_batches_are_padded_chat_prompts_with_images(example):
-    settings = RunSettings(nsamples=5, batch_size=2, seqlen=64)
-    batches = qwen_vl.calibration_batches(model=example.model, source=_source(example), settings=settings)
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+def _batches(example, source, settings):
+    """The engine's default calibration_batches hook, as a run calls it."""
+    return defaults.calibration_batches(model=example.model, source=source, settings=settings,
+                                        ctx=RunContext(settings=settings))
+
+
+def test_calibration_samples_are_chat_prompts_with_one_image_each(example):
+    settings = RunSettings(nsamples=5, batch_size=2, seqlen=128)
+    batches = _batches(example, _source(example), settings)
+    assert len(batches) == 5 and all(b["input_ids"].shape[0] == 1 for b in batches)   # one sample per record
     tokenizer = example.processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    padded = False
     for batch in batches:
         assert batch["use_cache"] is False
-        assert batch["image_grid_thw"].shape == (batch["input_ids"].shape[0], 3)
+        assert batch["image_grid_thw"].shape == (1, 3)
         assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
-        for row, grid, mask in zip(batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"]):
-            assert int((row == image_id).sum()) == int(grid.prod()) // 4          # merge 2x2
-            padded |= bool((mask == 0).any())
+        assert int((batch["input_ids"][0] == image_id).sum()) == int(batch["image_grid_thw"][0].prod()) // 4  # merge 2x2
         text = tokenizer.decode(batch["input_ids"][0])
         assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
         assert "Describe the image.<|im_end|>\n<|im_start|>assistant\na " in text and " background<|im_end|>" in text
-    assert padded, "rows of different lengths must be padded"
     with torch.no_grad():
         example.model(**batches[0])
 
 
 def test_calibration_from_an_image_folder_and_text_only_fallback(example, folder, tmp_path):
     settings = RunSettings(nsamples=3, batch_size=3, seqlen=64)
-    batches = qwen_vl.calibration_batches(model=example.model, source=_source(example, images=str(folder)), settings=settings)
-    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 3
-    assert "red circle" in example.processor.tokenizer.decode(batches[0]["input_ids"][0])
+    batches = _batches(example, _source(example, images=str(folder)), settings)
+    assert len(batches) == 3
+    assert any("red circle" in example.processor.tokenizer.decode(b["input_ids"][0]) for b in batches)
     # --dataset naming a folder of images works the same way
-    assert calibration.image_spec(_source(example, spec=str(folder))) == str(folder)
+    assert image_batches.image_source(_source(example, spec=str(folder))) == str(folder)
     # --dataset naming plain text: the engine's text calibration (one row of exactly seqlen tokens each)
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"paragraph {i} about a red circle on a blue background" for i in range(50)))
-    batches = qwen_vl.calibration_batches(model=example.model, source=_source(example, spec=str(text)),
-                                          settings=RunSettings(nsamples=2, seqlen=16))
+    batches = _batches(example, _source(example, spec=str(text)), RunSettings(nsamples=2, seqlen=16))
     assert len(batches) == 2 and batches[0]["input_ids"].shape == (1, 16) and "pixel_values" not in batches[0]
 
 
-def test_long_captions_are_cut_to_seqlen_tokens(example):
+def test_long_captions_are_cut_to_seqlen_but_image_tokens_never(example):
     record = image_data.ImageText(image_data.draw_shape("circle", "red", "blue"), "a red circle " * 100)
-    short = calibration.image_text_batches(example.processor, [record], rows=1, max_text_tokens=8)
-    full = calibration.image_text_batches(example.processor, [record], rows=1, max_text_tokens=10_000)
-    assert short[0]["input_ids"].shape[1] < full[0]["input_ids"].shape[1] - 100
+    full = image_batches.image_text_batches(example.processor, [record], seqlen=10_000)[0]["input_ids"]
+    short = image_batches.image_text_batches(example.processor, [record], seqlen=40)[0]["input_ids"]
+    image_id = example.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert short.shape[1] <= 40 < full.shape[1] - 100
+    assert int((short == image_id).sum()) == int((full == image_id).sum()) > 0
 
 
-def test_image_calibration_without_an_image_processor_is_a_data_error(example):
+def test_image_calibration_without_an_image_processor_is_text_only(example):
     source = CalibrationSource(tokenizer=example.processor.tokenizer, processor=example.processor.tokenizer)
-    with pytest.raises(DataError, match="image processor"):
-        qwen_vl.calibration_batches(model=example.model, source=source, settings=RunSettings(nsamples=1))
+    batches = _batches(example, source, RunSettings(nsamples=1, seqlen=16))
+    assert "pixel_values" not in batches[0]
+    with pytest.raises(DataError, match="processor"):
+        image_batches.image_text_batches(example.processor.tokenizer, [], seqlen=16)
 
 
-def test_quant_vision_with_text_only_data_is_a_data_error(example, tmp_path):
+def test_vision_group_with_text_only_data_is_a_data_error(example, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("some text\n\nmore text")
-    with pytest.raises(DataError, match="--quant_vision needs image calibration"):
-        qwen_vl.calibration_batches(model=example.model, source=_source(example, spec=str(text)),
-                                    settings=RunSettings(nsamples=2, quant_vision=True))
+    settings = RunSettings(nsamples=2, include_groups=("vision",))
+    with pytest.raises(DataError, match="vision blocks need image calibration"):
+        _batches(example, _source(example, spec=str(text)), settings)

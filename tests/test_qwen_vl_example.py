@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blockquant.adapters import qwen_vl
-from blockquant.adapters.qwen_vl import processor as qprocessor
+from blockquant.data.processors import load_processor
 from blockquant.data.image_data import synthetic_images
 
 
@@ -37,11 +37,11 @@ def test_example_saves_a_folder_that_reloads(tmp_path, build, cls, model_type):
     example.save(str(tmp_path))
     files = set(os.listdir(tmp_path))
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "preprocessor_config.json", "chat_template.json"} <= files
-    with open(tmp_path / "preprocessor_config.json") as f:
-        assert json.load(f)["processor_class"] == qprocessor.PROCESSOR_CLASSES[model_type]
+            "preprocessor_config.json", "processor_config.json", "chat_template.jinja"} <= files
+    with open(tmp_path / "processor_config.json") as f:
+        assert json.load(f)["processor_class"] == qwen_vl.example.PROCESSORS[model_type]
     # the processor loads back from the folder (assembled from its parts: no torchvision here)
-    loaded = qprocessor.load_processor(str(tmp_path), model_type)
+    loaded = load_processor(str(tmp_path))
     assert loaded.chat_template == example.processor.chat_template
     again = _inputs(loaded)
     assert again.keys() == batch.keys()

@@ -12,18 +12,18 @@ import blockquant
 from blockquant import api
 from blockquant.frame import cli
 from blockquant.adapters import qwen_vl
-from blockquant.adapters.qwen_vl.processor import load_processor
+from blockquant.data.processors import load_processor
 from blockquant.data.image_data import synthetic_images
 from blockquant.export.qlinear import QuantLinear
 
 FAST = dict(nsamples=4, batch_size=2, seqlen=64, group_size=32, seed=0)
-PROCESSOR_FILES = {"preprocessor_config.json", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+PROCESSOR_FILES = {"preprocessor_config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json"}
 
 
 def _generate(folder: str, model_type: str, tokens: int = 4):
     model = blockquant.load_quantized(folder)
-    processor = load_processor(folder, model_type)
+    processor = load_processor(folder)
     record = synthetic_images(1, seed=7)[0]
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],

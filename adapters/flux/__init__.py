@@ -14,6 +14,8 @@ What is FLUX-specific, all in this folder:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Literal
 
 import blockquant
 from blockquant import AdapterInfo, ExampleModel
@@ -23,6 +25,20 @@ from .loading import PIPELINE_CLASS, TRANSFORMER_FOLDER, WEIGHTS_NAME
 
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+@dataclass
+class Options:
+    num_inference_steps: int = field(default=4, metadata={"help": "denoising steps per calibration prompt"})
+    trajectory: Literal["denoise", "capture_only"] = field(default="denoise", metadata={
+        "help": "denoise: run the real trajectory; capture_only: stop every step after block 0 (calibration.py)"})
+    height: int = field(default=0, metadata={"help": "calibration image height (0: the VAE's sample size)"})
+    width: int = field(default=0, metadata={"help": "calibration image width (0: the VAE's sample size)"})
+    guidance_scale: float = field(default=3.5, metadata={"help": "guidance scale of the calibration runs"})
+
+    def __post_init__(self):
+        if self.num_inference_steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive integer (got {self.num_inference_steps})")
 
 
 def _is_flux_transformer(model) -> bool:
@@ -38,6 +54,7 @@ def adapter_info():
         architectures=("FluxTransformer2DModel",),
         pipelines=(PIPELINE_CLASS,),
         requires={"diffusers": ">=0.35,<1"},
+        options=Options,
         needs={"diffusers": "blockquant[flux]", "PIL": "blockquant[flux]"},
     )
 
@@ -66,8 +83,8 @@ def fixed_attrs(model):
 
 
 @blockquant.hookimpl
-def calibration_batches(model, source, settings):
-    return _calibration.calibration_plan(model, source, settings)
+def calibration_batches(model, source, settings, ctx):
+    return _calibration.calibration_plan(model, source, settings, ctx.options)
 
 
 @blockquant.hookimpl

@@ -3,7 +3,7 @@
 The denoising trajectory problem: step k+1's latents are the scheduler's update of step k's latents
 with the transformer's *output*.  Stopping the transformer after its first block (as the engine does
 for language models) leaves no output, so later steps would see no realistic latents.  Two modes
-(``settings.extra["flux_trajectory"]``):
+(the adapter option ``trajectory``):
 
 - ``"denoise"`` (default): the real trajectory.  The transformer runs in full at every step except
   the last, whose output nothing needs: there the forward stops right after the first block's inputs
@@ -32,7 +32,6 @@ from .prompts import read_prompts
 
 log = logging.getLogger("blockquant")
 
-MODES = ("denoise", "capture_only")
 PIPELINE_ATTR = "_blockquant_pipeline"
 RUN_ATTR = "_blockquant_flux_run"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -57,23 +56,18 @@ def pipeline_of(transformer):
     return pipe
 
 
-def _extra(settings, key, default):
-    return (getattr(settings, "extra", None) or {}).get(key, default)
-
-
-def calibration_plan(transformer, source, settings) -> list[dict]:
-    """One batch per pipeline run: a prompt, its noise seed, resolution, steps and trajectory mode."""
+def calibration_plan(transformer, source, settings, options) -> list[dict]:
+    """One batch per pipeline run: a prompt, its noise seed, resolution, steps and trajectory mode
+    (``options``: the adapter's ``Options``)."""
     pipe = pipeline_of(transformer)
-    mode = _extra(settings, "flux_trajectory", "denoise")
-    if mode not in MODES:
-        raise UsageError(f"flux_trajectory '{mode}' is unknown; choose one of {', '.join(MODES)}")
+    mode = options.trajectory
     spec = getattr(source, "spec", None) if source is not None else None
     prompts = read_prompts(spec)
     # default resolution: the one the VAE was configured for (1024 for FLUX.1; 64 for the tiny example)
     sample_size = pipe.vae.config.get("sample_size", 1024) if getattr(pipe, "vae", None) is not None else 1024
     size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
-    height = int(_extra(settings, "height", size))
-    width = int(_extra(settings, "width", size))
+    height = options.height or size
+    width = options.width or size
     multiple = pipe.vae_scale_factor * 2
     if height % multiple or width % multiple:
         raise UsageError(f"FLUX calibration needs height and width divisible by {multiple} (got {height}x{width})")
@@ -82,8 +76,8 @@ def calibration_plan(transformer, source, settings) -> list[dict]:
     for i in range(settings.nsamples):
         batches.append(dict(
             prompt=prompts[i % len(prompts)], seed=settings.seed + i, height=height, width=width,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=float(_extra(settings, "guidance_scale", 3.5)),
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
             max_sequence_length=min(settings.seqlen, 512), mode=mode,
             image=images[i % len(images)] if images else None,
         ))

@@ -1,21 +1,13 @@
-"""Tiny, randomly initialised Gemma 4 models built offline (no downloads).
-
-- ``example_text(layers=4, kv_shared=2)``: ``Gemma4ForCausalLM`` (model_type ``gemma4_text``) with
-  sliding and full layers alternating, per-layer inputs (PLE) and ``kv_shared`` KV-shared layers
-  (0: none); the tokenizer is ``blockquant.data.tiny.tiny_tokenizer()`` (byte-level BPE, 512 tokens).
-- ``example_multimodal()``: ``Gemma4ForConditionalGeneration`` (model_type ``gemma4``) with the same
-  text model and a 2-block vision tower; its processor turns an image into at most 70 soft tokens.
-
-``save(folder)`` writes what a hub folder holds: config.json, generation_config.json,
-model.safetensors, the tokenizer files and (multimodal) preprocessor_config.json.
+"""Tiny random Gemma 4 models built offline: ``example_text(layers, kv_shared)`` (``Gemma4ForCausalLM``:
+sliding and full layers, per-layer inputs, KV-shared layers) and ``example_multimodal()`` (plus a 2-block
+vision tower and its processor).  ``save(folder)`` writes a hub-like folder.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from blockquant import ExampleModel
+from blockquant.data.processors import assemble, save_processor_config
 
 # Named special tokens of Gemma 4 tokenizers (transformers reads them as tokenizer.image_token etc.).
 IMAGE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
@@ -25,7 +17,7 @@ SEED = 0
 
 
 def text_config(layers: int = 4, kv_shared: int = 2, vocab_size: int = 512, **overrides):
-    """The tiny text config of MODEL_NOTES (hidden 64, 2 heads, 1 KV head, head_dim 32, full layers 64),
+    """The tiny text config of docs/models/gemma4.md (hidden 64, 2 heads, 1 KV head, head_dim 32, full layers 64),
     with 32-wide per-layer inputs so that every linear layer can be packed at 4 bits."""
     from transformers import Gemma4TextConfig
 
@@ -65,15 +57,6 @@ def image_processor():
     return Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
 
 
-def _saver(model, processor_parts):
-    def save(folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder)
-        for part in processor_parts:
-            part.save_pretrained(folder)
-    return save
-
-
 def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overrides) -> ExampleModel:
     """A tiny ``Gemma4ForCausalLM`` (about 0.26M parameters with 4 layers) and its tokenizer.
 
@@ -84,7 +67,7 @@ def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overri
     model = Gemma4ForCausalLM(text_config(layers, kv_shared, **overrides)).eval()
     tok = tokenizer()
     name = f"tiny-gemma4-text-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
-    return ExampleModel(name=name, model=model, processor=tok, save=_saver(model, [tok]))
+    return ExampleModel.of(name, model, tok)
 
 
 # Widths of the example a no-model run quantizes: every linear layer's input a multiple of 128, so the
@@ -124,12 +107,14 @@ def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **
     text config fields (e.g. ``use_bidirectional_attention="vision"`` as in the larger Gemma 4 models)."""
     from transformers import Gemma4ForConditionalGeneration
 
-    from .processor import assemble
-
     tok = tokenizer(multimodal=True)
-    images = image_processor()
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(multimodal_config(layers, kv_shared, tok, **overrides)).eval()
-    processor = assemble(images, tok)
+    processor = assemble("Gemma4Processor", image_processor=image_processor(), tokenizer=tok)
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        save_processor_config(processor, folder)
+
     name = f"tiny-gemma4-vision-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
-    return ExampleModel(name=name, model=model, processor=processor, save=_saver(model, [tok, images]))
+    return ExampleModel(name=name, model=model, processor=processor, save=save)

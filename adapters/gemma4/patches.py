@@ -1,20 +1,10 @@
 """The one model patch Gemma 4 needs: shared KV state passed by reference through accelerate hooks.
 
-Why: the text model creates ``shared_kv_states`` once per forward and hands the SAME object to
-every decoder layer; a storing layer writes its keys/values into it, the KV-shared layers after
-it read them.  accelerate's dispatch hooks run ``send_to_device`` on every layer's kwargs, and
-``send_to_device`` rebuilds a plain ``dict`` (``type(d)({...})``) - so with transformers 5.5.4-5.6.x
-(a plain dict) each dispatched layer gets its own copy, the writes are lost and the first KV-shared
-layer fails with ``KeyError`` (unless the dispatcher passes ``skip_keys``).  transformers 5.23's
-``KVSharingDict`` has an in-place ``.to()`` that accelerate calls instead, so there the patch
-finds nothing to do.
-
-How: a forward pre-hook on each text decoder layer wraps a plain-dict ``shared_kv_states`` in
-``InPlaceKV``, a view over the same dict whose ``.to()`` moves its tensors in place and returns
-itself - exactly what ``KVSharingDict`` does.  Torch pre-hooks run before accelerate's wrapped
-``forward``, and ``remove_hook_from_submodules`` leaves them alone, so the patch holds whether it
-is applied before or after dispatch, and survives hook removal.  Applying it twice registers
-nothing new (idempotent); it changes no value, so it is safe unconditionally.
+accelerate's ``send_to_device`` rebuilds a plain ``dict`` per dispatched layer, so with the plain-dict
+shared-KV layouts the storing layer's writes were lost (``KeyError`` in the first KV-shared layer).  A
+forward pre-hook on each text decoder layer wraps such a dict in ``InPlaceKV``, a view over the same
+dict whose ``.to()`` moves tensors in place (as ``KVSharingDict`` does).  Pre-hooks survive hook removal;
+applying the patch twice registers nothing new.
 """
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
-"""Rebuilding the inputs that differ from one Gemma 4 text block to the next.
+"""Rebuilding the inputs that differ from one Gemma 4 text block to the next (docs/models/gemma4.md).
 
-The text model's own loop gives layer ``i``:
-
-- ``per_layer_input``: slice ``i`` of the per-layer embeddings (PLE), computed from the token ids
-  (``embed_tokens_per_layer``) and the input embeddings (``per_layer_model_projection``);
-- ``position_embeddings`` and ``attention_mask`` of its layer type (sliding layers: default rope and
-  a sliding-window mask; full layers: proportional rope with ``global_head_dim`` and a causal mask);
-- ``shared_kv_states``: the keys/values stored by the last non-shared layer of each type, read by
-  the KV-shared layers.
-
-Only block 0's inputs are captured.  At capture, ``register_capture_hooks`` records per sample
-what the rebuild needs that the block-0 kwargs lack: the ids fed to the per-layer embedding, the
-2D attention mask and ``mm_token_type_ids``, all O(sequence length).  At replay ``rebuild`` derives
-the block's inputs from those, block 0's ``hidden_states`` (= the input embeddings) and
-``position_ids``, with the model's own rotary module and mask function.  Shared KV state lives in
-the replay stream's ``state``: ``commit_shared_kv`` copies what a storing layer wrote (after the
-block ran), ``rebuild`` hands it to the layers that read it.  The capture store is therefore
-O(samples), whatever the number of layers.
+Only block 0's inputs are captured, plus per sample what the rebuild needs that they lack (the ids fed to
+the per-layer embedding, the 2D attention mask, ``mm_token_type_ids``).  ``rebuild`` derives each block's
+per-layer input, rotary embeddings and mask of its layer type with the model's own modules; shared KV
+state lives in the replay stream's ``state`` (``commit_shared_kv`` after a storing layer ran).
 """
 from __future__ import annotations
 
@@ -25,8 +12,11 @@ from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
+from transformers import Gemma4ForConditionalGeneration
 
-from .model import options_of_block, owner_of, text_model
+from blockquant.errors import BlockquantError
+
+from .model import text_model
 
 EXTRAS_KEY = "gemma4.rebuild"      # extras: {"ple_ids", "attention_mask", "mm_token_type_ids"}
 STATE_KEY = "gemma4.shared_kv"     # cached.state: {store key: (keys, values)}
@@ -89,8 +79,6 @@ def per_layer_input(inner: torch.nn.Module, embeds: torch.Tensor, ids: torch.Ten
 
 def masks(inner: torch.nn.Module, embeds, attention_mask, position_ids, mm_token_type_ids) -> dict:
     """The per-layer-type masks, made by the model's own mask function (bidirectional image blocks included)."""
-    from transformers import Gemma4ForConditionalGeneration
-
     return Gemma4ForConditionalGeneration.create_masks_for_generate(
         inner.config, embeds, attention_mask, None, position_ids,
         mm_token_type_ids=mm_token_type_ids, is_first_iteration=True,
@@ -98,16 +86,15 @@ def masks(inner: torch.nn.Module, embeds, attention_mask, position_ids, mm_token
 
 
 @torch.no_grad()   # inputs of the block, never trained: no graph into the (huge) per-layer tables
-def rebuild(block: torch.nn.Module, cached, strategy) -> dict:
-    """The kwargs of text block ``block`` for one sample (see the module docstring).
+def rebuild(block: torch.nn.Module, cached, strategy, inner: torch.nn.Module, only_shared_kv: bool) -> dict:
+    """The kwargs of text block ``block`` of text model ``inner`` for one sample (see the module docstring).
 
-    Under the per-block cache fallback (``variable_inputs="cache"``) only the shared KV state is
-    rebuilt; the engine supplies the cached per-block values.
+    ``only_shared_kv`` (the per-block cache fallback, ``--variable_inputs cache``): only the shared KV
+    state is rebuilt; the engine supplies the cached per-block values.
     """
-    inner = owner_of(block)
     attn = block.self_attn
     out: dict = {"past_key_values": None, "shared_kv_states": shared_kv(block, cached, strategy)}
-    if options_of_block(block).variable_inputs == "cache":
+    if only_shared_kv:
         return out
     extras = cached.extras.get(EXTRAS_KEY) or {}
     device = next(block.parameters()).device       # where the block runs (embeddings may be freed by now)
@@ -128,8 +115,6 @@ def shared_kv(block: torch.nn.Module, cached, strategy):
         return NO_SHARED_KV
     stored = cached.state.get(STATE_KEY, {})
     if attn.is_kv_shared_layer and strategy.read_key(attn) not in stored:
-        from blockquant.errors import BlockquantError
-
         raise BlockquantError(
             f"Gemma 4 layer {attn.layer_idx} reads the keys/values stored by an earlier layer (KV sharing), "
             "which this replay did not run; quantize the text blocks as one chain from the first block "

@@ -1,37 +1,32 @@
-"""Which transformers releases the gemma4 adapter supports, and how each stores shared KV state.
+"""Which shared-KV layout the installed transformers uses, found by running it (docs/models/gemma4.md).
 
-Gemma 4's KV-shared layers (the last ``num_kv_shared_layers`` layers) have no key/value
-projections: they read the keys and values that the last non-shared layer of their type stored in
-``shared_kv_states`` during the same forward.  How that state looks depends on the release:
-
-- 5.5.0-5.5.3: no ``shared_kv_states`` at all; shared layers read K/V from the cache only, so the
-  model's output depends on ``use_cache``.  Refused.
-- 5.5.4-5.6.x: a plain ``dict`` keyed by the storing layer's INDEX (``kv_shared_layer_index``).
-- 5.23.x: a ``KVSharingDict`` keyed by LAYER TYPE ("sliding_attention", "full_attention").
-
-Releases in between (5.7-5.22) use yet other layouts (5.12 and 5.17: a plain dict keyed by layer
-type) and were not run against this adapter, so they are refused with the supported range, as are
-releases newer than the last one verified.
+``probe()`` runs a tiny Gemma 4 text model once per process and records the container the layers
+receive and the keys the storing layer writes; ``kv_strategy()`` maps that to a known layout.  An unknown
+layout (or none: 5.5.0-5.5.3) is refused, naming what was seen; a release newer than ``NEWEST_TESTED``
+with a known layout runs with a warning.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from packaging.version import Version
 
-# Verified release windows: (first, first_not_included).  Keep SUPPORTED_TEXT in step.
-VERIFIED = (("5.5.4", "5.7"), ("5.23", "5.24"))
-SUPPORTED_TEXT = "5.5.4-5.6.x or 5.23.x"
-INSTALL_HINT = "pip install 'transformers==5.23.*'"
+from blockquant.errors import VersionError
+
+log = logging.getLogger("blockquant")
+
+OLDEST = "5.5.4"
+NEWEST_TESTED = "5.25.0"      # the newest release CI runs the gemma4 tests on
+INSTALL_HINT = f"pip install 'transformers>={OLDEST}'"
 
 
 def requirement() -> str:
-    """The PEP 440 specifier of ``VERIFIED`` (declared in ``AdapterInfo.requires``)."""
-    low, high = VERIFIED[0][0], VERIFIED[-1][1]
-    gap_start, gap_end = Version(VERIFIED[0][1]), Version(VERIFIED[-1][0])
-    gaps = [f"!=5.{minor}.*" for minor in range(gap_start.minor, gap_end.minor)]
-    return ",".join([f">={low}", f"<{high}", *gaps])
+    """The PEP 440 specifier declared in ``AdapterInfo.requires``: the layouts decide the rest."""
+    return f">={OLDEST},<6"
 
 
 def installed() -> Version:
@@ -40,38 +35,11 @@ def installed() -> Version:
     return Version(transformers.__version__)
 
 
-def refusal(version: Version) -> str | None:
-    """Why ``version`` is refused (a message naming the supported range), or None when supported."""
-    if any(Version(lo) <= version < Version(hi) for lo, hi in VERIFIED):
-        return None
-    if Version("5.5.0") <= version < Version("5.5.4"):
-        why = ("its KV-shared layers read keys/values from the cache only, so the model's output changes "
-               "with use_cache and block-by-block replay cannot reproduce it")
-    elif version < Version("5.5.0"):
-        why = "it has no Gemma 4 models"
-    else:
-        why = "this release was not verified with the gemma4 adapter"
-    return (f"transformers {version} is not supported by the gemma4 adapter: {why}. "
-            f"Supported: transformers {SUPPORTED_TEXT}; {INSTALL_HINT}")
-
-
-def check_supported() -> None:
-    """Raise ``VersionError`` for an unsupported installed transformers."""
-    message = refusal(installed())
-    if message:
-        from blockquant.errors import VersionError
-
-        raise VersionError(message)
-
-
 @dataclass(frozen=True)
 class KVStrategy:
-    """How one release names and holds shared KV state.
-
-    ``new_state`` makes an empty container of the type the release's text model passes to its
-    layers; ``store_key(attn)`` / ``read_key(attn)`` are the keys a storing / KV-shared attention
-    module writes / reads.
-    """
+    """How one layout names and holds shared KV state: ``new_state`` makes the container the text
+    model passes to its layers; ``store_key(attn)`` / ``read_key(attn)`` are the keys a storing /
+    KV-shared attention module writes / reads."""
 
     name: str
     new_state: Callable[[], object]
@@ -86,19 +54,80 @@ def _kv_sharing_dict():
 
 
 BY_INDEX = KVStrategy("dict keyed by layer index", dict,
-                      store_key=lambda attn: attn.layer_idx,
-                      read_key=lambda attn: attn.kv_shared_layer_index)
+                      store_key=lambda attn: attn.layer_idx, read_key=lambda attn: attn.kv_shared_layer_index)
+BY_TYPE_DICT = KVStrategy("dict keyed by layer type", dict,
+                          store_key=lambda attn: attn.layer_type, read_key=lambda attn: attn.layer_type)
 BY_TYPE = KVStrategy("KVSharingDict keyed by layer type", _kv_sharing_dict,
-                     store_key=lambda attn: attn.layer_type,
-                     read_key=lambda attn: attn.layer_type)
+                     store_key=lambda attn: attn.layer_type, read_key=lambda attn: attn.layer_type)
 
 
-def kv_strategy(version: Version | None = None) -> KVStrategy:
-    """The shared-KV strategy of ``version`` (default: the installed transformers)."""
-    version = installed() if version is None else version
-    message = refusal(version)
-    if message:
-        from blockquant.errors import VersionError
+@dataclass(frozen=True)
+class Probe:
+    container: str | None     # type name of the shared_kv_states the layers receive; None: no such argument
+    key_kind: str | None      # "index" or "type": what the storing layers' keys are
 
-        raise VersionError(message)
-    return BY_INDEX if version < Version("5.7") else BY_TYPE
+
+@functools.lru_cache(maxsize=1)
+def probe() -> Probe:
+    """Run a 2-layer Gemma 4 text model with one KV-shared layer and record its shared-KV layout."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(
+        vocab_size=16, vocab_size_per_layer_input=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+        layer_types=["full_attention", "full_attention"], num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+        global_head_dim=8, hidden_size_per_layer_input=4, num_kv_shared_layers=1, max_position_embeddings=8)
+    model = Gemma4ForCausalLM(config).eval()
+    layer = model.model.layers[0]
+    if "shared_kv_states" not in inspect.signature(layer.forward).parameters:
+        return Probe(None, None)
+    seen: dict = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("state", kwargs.get("shared_kv_states"))
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+    finally:
+        handle.remove()
+    state = seen.get("state")
+    if state is None:
+        return Probe(None, None)
+    keys = list(state.keys())
+    kind = "index" if keys and all(isinstance(k, int) for k in keys) else \
+        "type" if keys and all(isinstance(k, str) for k in keys) else None
+    return Probe(type(state).__name__, kind)
+
+
+LAYOUTS = {("dict", "index"): BY_INDEX, ("dict", "type"): BY_TYPE_DICT, ("KVSharingDict", "type"): BY_TYPE}
+
+
+def strategy_for(found: Probe, version: Version) -> KVStrategy:
+    """The layout of ``found`` (a probe of transformers ``version``), or VersionError naming what was seen."""
+    if found.container is None:
+        raise VersionError(
+            f"transformers {version} is not supported by the gemma4 adapter: its KV-shared layers receive no "
+            "shared_kv_states and read keys/values from the cache only, so the model's output changes with "
+            f"use_cache and block-by-block replay cannot reproduce it; {INSTALL_HINT}")
+    strategy = LAYOUTS.get((found.container, found.key_kind))
+    if strategy is None:
+        raise VersionError(
+            f"transformers {version} passes Gemma 4's shared KV state as a {found.container} keyed by "
+            f"{found.key_kind or 'unknown keys'}, a layout the gemma4 adapter does not know yet (known: "
+            f"{', '.join(s.name for s in LAYOUTS.values())}); install a release it knows: "
+            f"pip install 'transformers>={OLDEST},<={NEWEST_TESTED}'")
+    return strategy
+
+
+@functools.lru_cache(maxsize=1)
+def kv_strategy() -> KVStrategy:
+    """The shared-KV layout of the installed transformers (probed once per process)."""
+    version = installed()
+    strategy = strategy_for(probe(), version)
+    if version > Version(NEWEST_TESTED):
+        log.warning("transformers %s is newer than %s, the newest release the gemma4 adapter was tested with; "
+                    "its shared-KV layout (%s) is known, so the run goes on - check with `quant verify`",
+                    version, NEWEST_TESTED, strategy.name)
+    return strategy

@@ -2,26 +2,24 @@
 
 ``example_qwen25()`` and ``example_qwen3()`` return a ``blockquant.ExampleModel`` whose ``save(folder)``
 writes a hub-like folder (config.json, generation_config.json, model.safetensors, tokenizer files,
-preprocessor_config.json, chat_template.json) that the adapter's loader reads back.  The Qwen3-VL
-model has two deepstack layers (visual features added after text layers 0 and 1).
+preprocessor_config.json, processor_config.json naming the real processor class, chat_template.jinja) that
+the engine's loader reads back.  The Qwen3-VL model has two deepstack layers (visual features added
+after text layers 0 and 1).  The tokenizer is a ``Qwen2Tokenizer`` over the core's tiny byte-level BPE.
 """
 from __future__ import annotations
-
-import functools
-import json
-import os
 
 import torch
 
 from blockquant import ExampleModel
-from blockquant.data.image_data import COLORS, SHAPES
+from blockquant.data.processors import assemble, save_processor_config
+from blockquant.data.tiny import bpe_vocab_and_merges
 
-from .processor import PROCESSOR_CLASSES, assemble
+PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
+BPE_SIZE = 320            # the core's tiny byte-level BPE (blockquant.data.tiny)
 VOCAB_SIZE = 336          # model vocabulary (the tokenizer has 327 tokens)
-BPE_SIZE = 320            # byte-level base + merges learnt from the corpus below
 
 # A chat template in the Qwen style: images become <|vision_start|><|image_pad|><|vision_end|>.
 CHAT_TEMPLATE = (
@@ -35,33 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus() -> list[str]:
-    words = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in COLORS if b != c]
-    words += ["Describe the image.", "What is in this picture?", "The image shows", "user", "assistant", "system"]
-    return words
-
-
-@functools.lru_cache(maxsize=1)
-def _bpe() -> tuple[dict, list]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    return model["vocab"], [tuple(m) for m in model["merges"]]
-
-
 def tiny_tokenizer():
     """A ``Qwen2Tokenizer`` (byte-level BPE) with the Qwen chat and vision special tokens."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _bpe()
-    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    return tokenizer
+    vocab, merges = bpe_vocab_and_merges(BPE_SIZE)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          additional_special_tokens=list(SPECIAL_TOKENS[1:]))
 
 
 def tiny_image_processor(patch_size: int):
@@ -126,33 +104,20 @@ def _build(model_class, config, seed: int):
     return model
 
 
-def save_folder(model, processor, folder: str) -> None:
-    """Write ``model`` and its processor's parts as a hub-like folder."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)
-    processor.image_processor.save_pretrained(folder)
-    model_type = model.config.model_type
-    processor_class = PROCESSOR_CLASSES[model_type]
-    path = os.path.join(folder, "preprocessor_config.json")
-    with open(path) as f:
-        pre = json.load(f)
-    pre["processor_class"] = processor_class
-    with open(path, "w") as f:
-        json.dump(pre, f, indent=2)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": processor.chat_template}, f, indent=2)
-
-
 def _example(name: str, model_class_name: str, config_fn, patch_size: int, seed: int) -> ExampleModel:
     import transformers
 
     tokenizer = tiny_tokenizer()
     config = config_fn(tokenizer)
     model = _build(getattr(transformers, model_class_name), config, seed)
-    processor = assemble(config.model_type, tiny_image_processor(patch_size), tokenizer, CHAT_TEMPLATE)
-    return ExampleModel(name=name, model=model, processor=processor,
-                        save=lambda folder: save_folder(model, processor, folder))
+    processor = assemble(PROCESSORS[config.model_type], CHAT_TEMPLATE, image_processor=tiny_image_processor(patch_size),
+                         tokenizer=tokenizer)
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        save_processor_config(processor, folder)
+
+    return ExampleModel(name=name, model=model, processor=processor, save=save)
 
 
 def example_qwen25(seed: int = 0) -> ExampleModel:

@@ -12,14 +12,12 @@ Two things happen inside the models' own loops, outside any block, and are redon
 M-RoPE ``position_embeddings`` need nothing: they are the same object for every text block of a
 forward, so the engine stores them once per sample.
 
-``REINJECT_DEEPSTACK`` (module attribute, default True) switches the deepstack re-injection; turning it
+The adapter option ``reinject_deepstack`` (default true) switches the deepstack re-injection; turning it
 off reproduces the silent error of a replay that drops deepstack (tests flip it to prove the point).
 """
 from __future__ import annotations
 
 import torch
-
-REINJECT_DEEPSTACK = True
 
 DEEPSTACK_KEY = "qwen_vl.deepstack"        # extras: (visual_pos_masks, [features per layer])
 VISION_SEQLENS_KEY = "qwen_vl.vision_seqlens"   # extras: {"full": cu, "window": cu, "full_blocks": (...)}
@@ -103,7 +101,7 @@ def vision_inputs(index, cached) -> dict | None:
 
 def add_deepstack(index, output, cached) -> dict | None:
     """The text stream after a deepstack layer: visual features added at the image positions."""
-    if not REINJECT_DEEPSTACK or not index.path.endswith(TEXT_SUFFIX):
+    if not index.path.endswith(TEXT_SUFFIX):
         return None
     recorded = cached.extras.get(DEEPSTACK_KEY)
     if recorded is None:

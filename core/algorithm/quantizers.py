@@ -6,7 +6,7 @@ Each group has a float scale and an integer zero point; a weight is stored as co
 with ``g(i) = i // group_size``.
 
 - asymmetric: the group range [min(w, 0), max(w, 0)] (times the clipping factors) spans all codes.
-- symmetric, "full range" (as auto-round does, see FORMATS.md): zero = 2^(bits-1) and the group's
+- symmetric, "full range" (as auto-round does, see docs/formats.md): zero = 2^(bits-1) and the group's
   larger-magnitude signed extreme maps to code 0, so the scale is negative when that extreme is
   positive (loaders only multiply, so this is legal).
 

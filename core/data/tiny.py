@@ -7,6 +7,7 @@ tokens (an image placeholder, say) never changes what the next caller gets.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 from .corpus import stdlib_paragraphs
@@ -64,6 +65,13 @@ def tiny_tokenizer(vocab_size: int = 512, model_max_length: int = 4096):
         bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         model_max_length=model_max_length,
     )
+
+
+def bpe_vocab_and_merges(vocab_size: int = 512) -> tuple[dict, list[tuple[str, str]]]:
+    """The byte-level BPE of ``tiny_tokenizer`` as (vocab, merges), for a family's own tokenizer class
+    (e.g. ``Qwen2Tokenizer(vocab=..., merges=...)``); the four special tokens are ids 0-3."""
+    model = json.loads(_trained_json(vocab_size))["model"]
+    return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
 
 
 def write_tokenizer(tokenizer, folder: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The auto_round and auto_gptq checkpoint layouts (see FORMATS.md).
+"""The auto_round and auto_gptq checkpoint layouts (see docs/formats.md).
 
 One quantized linear layer ``NAME`` becomes ``NAME.qweight`` (int32 [in*b/32, out], packed along the
 input dim), ``NAME.qzeros`` (int32 [G, out*b/32], packed along the output dim), ``NAME.scales``

@@ -17,7 +17,8 @@ import sys
 from ..api import quantize, verify
 from ..errors import BlockquantError, UsageError
 from ..run.report import configure_logging
-from .plugins import discover, hook_table
+from .options import describe_options
+from .plugins import discover, get_adapter, hook_table
 
 COMMANDS = ("quantize", "verify", "adapters", "hooks")
 
@@ -57,20 +58,33 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--to_quant_block_names", help="block lists to quantize, comma-separated (overrides the adapter)")
     p.add_argument("--variable_inputs", choices=("rebuild", "cache"),
                    help="inputs that vary between blocks: rebuild them (adapter) or cache them per block (more RAM)")
-    p.add_argument("--quant_vision", action="store_true", help="VLMs: quantize the vision tower's blocks too")
-    p.add_argument("--num_inference_steps", type=int, default=4, help="diffusion calibration: denoising steps per prompt")
+    p.add_argument("--include_groups", default="", metavar="NAME[,NAME]",
+                   help="optional block groups the adapter offers to quantize too (e.g. vision)")
+    p.add_argument("--quant_vision", action="store_true", help="same as --include_groups vision")
     p.add_argument("--seed", type=int, default=42, help="random seed of calibration sampling and tuning")
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="an adapter option, repeatable (e.g. --set KEY=VALUE as the adapter documents)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an adapter option, repeatable (`quant adapters --options NAME` lists an adapter's options)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _options_epilog() -> str:
+    """The adapters' options, for ``quant quantize --help``."""
+    lines = ["adapter options (--set KEY=VALUE):"]
+    for e in discover().values():
+        rows = describe_options(e.info.options) if e.info else []
+        for name, tp, default, text in rows:
+            lines.append(f"  {e.name}: {name} ({tp}, default {default})  {text}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quant", description="Block-by-block AutoRound weight quantization.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    q = sub.add_parser("quantize", help="quantize a model (the default command)", formatter_class=HelpFormatter)
+    epilog = _options_epilog() if with_options else None
+    q = sub.add_parser("quantize", help="quantize a model (the default command)", epilog=epilog,
+                       formatter_class=HelpFormatter)
     _run_options(q)
     q.add_argument("--scheme", help="W2A16, W3A16, W4A16 (default) or W8A16")
     q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (overrides --scheme)")
@@ -95,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")
     q.add_argument("--max_shard_size", default="2GB", help="largest output shard (e.g. 500MB, 2GB)")
     v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)",
-                       formatter_class=HelpFormatter)
+                       epilog=epilog, formatter_class=HelpFormatter)
     _run_options(v, verify=True)
     a = sub.add_parser("adapters", help="list installed adapters")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--options", metavar="NAME", help="describe the options of adapter NAME")
     h = sub.add_parser("hooks", help="the hook contract: signatures and implementing adapters")
     h.add_argument("--json", action="store_true")
     return parser
@@ -121,37 +136,32 @@ def _size(text: str) -> int:
 
 def _settings_kwargs(args, given: set[str] | None = None) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
-            "quant_vision", "num_inference_steps", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
+            "quant_vision", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
             "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
             "output_dir", "overwrite", "fresh")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):
         out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)
-    extras = set()
-    for item in getattr(args, "extra", []):
+    if getattr(args, "include_groups", ""):
+        out["include_groups"] = tuple(g.strip() for g in args.include_groups.split(",") if g.strip())
+    options = {}
+    for item in getattr(args, "options", []):
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise UsageError(f"--set {item}: expected KEY=VALUE")
-        out[key.strip()] = _scalar(value.strip())
-        extras.add(key.strip())
+        options[key.strip()] = value.strip()    # parsed by the adapter's option types
+    out["options"] = options
     if hasattr(args, "max_shard_size"):
         out["max_shard_size"] = _size(args.max_shard_size)
     if given is not None:
-        out["explicit"] = sorted((given & set(out)) | extras)
+        out["explicit"] = sorted((given & set(out)) | set(options))
     return out
-
-
-def _scalar(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def cmd_adapters(args) -> int:
     entries = discover()
+    if args.options:
+        return _print_options(get_adapter(args.options, entries))
     if args.json:
         print(json.dumps([e.to_json() for e in entries.values()], indent=2))
         return 0
@@ -168,6 +178,20 @@ def cmd_adapters(args) -> int:
         if info.requires:
             print(f"    requires: {', '.join(f'{k}{v}' for k, v in info.requires.items())}")
         print(f"    hooks:    {', '.join(e.hooks)}")
+        if info.options is not None:
+            print(f"    options:  {', '.join(row[0] for row in describe_options(info.options))} "
+                  f"(quant adapters --options {e.name})")
+    return 0
+
+
+def _print_options(entry) -> int:
+    rows = describe_options(entry.info.options)
+    if not rows:
+        print(f"adapter '{entry.name}' has no options")
+        return 0
+    print(f"options of adapter '{entry.name}' (--set KEY=VALUE, or blockquant.quantize(..., KEY=VALUE)):")
+    for name, tp, default, text in rows:
+        print(f"  {name:<24} {tp:<16} default {default:<10} {text}")
     return 0
 
 
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["quantize"] + argv
-    parser = build_parser()
+    parser = build_parser(with_options=bool({"-h", "--help"} & set(argv[1:])))
     args = parser.parse_args(argv)
     command = parser._subparsers._group_actions[0].choices.get(args.command)
     args.given = given_options(command, argv[1:]) if command is not None else set()

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Generic, Literal, TypeVar
 
 from ..errors import AdapterError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,10 @@ class AdapterInfo:
     pipelines: tuple[str, ...] = ()          # model_index.json "_class_name" values (diffusers)
     requires: dict[str, str] = field(default_factory=dict)  # distribution -> PEP 440 specifier
     generic: bool = False                    # a fallback: chosen only when nothing specific matches
+    # The adapter's options: a dataclass whose fields (with defaults, typed bool/int/float/str/Literal and
+    # ``metadata={"help": ...}``) are set with ``--set KEY=VALUE`` or ``blockquant.quantize(KEY=VALUE)``;
+    # validated at startup, part of the resume identity, reaching hooks as ``ctx.options``.
+    options: type | None = None
     # Optional modules the adapter imports only when it runs: importable module -> what installs it
     # (e.g. {"diffusers": "blockquant[flux]"}).  Missing ones make the adapter "needs: ..." instead of broken.
     needs: dict[str, str] = field(default_factory=dict)
@@ -56,6 +63,10 @@ class Traits:
     # Block list prefixes to report in quantization_config (defaults to the group paths).
     export_block_names: tuple[str, ...] = ()
 
+    # Block groups quantized only when the user names them (``--include_groups NAME``), e.g. a VLM's
+    # vision tower: {"vision": ["model.visual.blocks"]}.
+    optional_groups: dict[str, list[str]] = field(default_factory=dict)
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
@@ -68,9 +79,6 @@ class Traits:
                 f"known traits: {', '.join(sorted(self.field_names()))}"
             )
         return dataclasses.replace(self, **values)
-
-    def all_block_paths(self) -> list[str]:
-        return [p for group in self.block_groups for p in group]
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,72 @@ class SampleInputs:
     stream: str = "fp"
 
 
+class StashKey(Generic[T]):
+    """A typed key of ``RunContext.stash``: create one per value at module level, ``KEY = StashKey[Foo]()``."""
+
+    __slots__ = ()
+
+
+class Stash:
+    """Adapter state for one run, typed by its keys (no module-level registries, no attributes on models)."""
+
+    def __init__(self) -> None:
+        self._values: dict[StashKey, Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._values[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return self._values[key]
+
+    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
+        return self._values.get(key, default)
+
+    def setdefault(self, key: StashKey[T], default: T) -> T:
+        return self._values.setdefault(key, default)
+
+    def __contains__(self, key: StashKey) -> bool:
+        return key in self._values
+
+
+@dataclass
+class RunContext:
+    """What one run knows, handed to every hook that declares a ``ctx`` argument.
+
+    ``load_model`` receives it with ``source``, ``settings`` and ``options`` filled in; the engine fills
+    in ``loaded`` after it, ``traits`` and ``groups`` after ``fixed_attrs``, ``device`` once chosen.
+    ``stash`` holds the adapter's own state for this run.
+    """
+
+    settings: Any                      # blockquant.RunSettings
+    options: Any = None                # the adapter's options dataclass instance (AdapterInfo.options), or None
+    source: Any = None                 # blockquant.model.model_io.ModelSource
+    loaded: Any = None                 # blockquant.model.model_io.LoadedModel
+    traits: Traits | None = None
+    groups: list = field(default_factory=list)   # per group, the chain of blockquant.model.blocks.Block
+    device: Any = None                 # torch.device the blocks run on
+    stash: Stash = field(default_factory=Stash)
+
+    @property
+    def model(self):
+        """The model being quantized (for a pipeline: the component)."""
+        return self.loaded.model if self.loaded is not None else None
+
+    @property
+    def processor(self):
+        """The tokenizer or processor loaded beside the model, or None."""
+        return self.loaded.processor if self.loaded is not None else None
+
+    @property
+    def pipeline(self):
+        """The pipeline that drives calibration (diffusers), or None."""
+        return self.loaded.pipeline if self.loaded is not None else None
+
+    def group_enabled(self, name: str) -> bool:
+        """Whether the user asked for the optional block group ``name`` (``--include_groups``)."""
+        return name in self.settings.include_groups
+
+
 @dataclass
 class ExampleModel:
     """A tiny offline model of an adapter's family.  Returned by ``example_model``."""
@@ -116,8 +190,6 @@ class ExampleModel:
     def of(cls, name: str, model, processor=None) -> "ExampleModel":
         """An example whose ``save`` writes the model and its processor with ``save_pretrained``."""
         def save(folder: str) -> None:
-            import os
-
             os.makedirs(folder, exist_ok=True)
             model.save_pretrained(folder)
             if processor is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..data.calibration_data import default_calibration_batches
+from ..data.image_batches import default_image_batches, takes_images
 from ..model.blocks import find_block_paths
 from ..model.model_io import load_transformers_model
 from .hookspecs import hookimpl
@@ -20,7 +21,13 @@ def fixed_attrs(model):
 
 
 @hookimpl(trylast=True)
-def calibration_batches(model, source, settings):
+def calibration_batches(model, source, settings, ctx):
+    """Image + text samples when the model's processor takes images (unless --dataset names text), else
+    token samples cut from the calibration text."""
+    if takes_images(source.processor):
+        batches = default_image_batches(source, settings, needs_images=ctx.group_enabled("vision"))
+        if batches is not None:
+            return batches
     return default_calibration_batches(model, source, settings)
 
 

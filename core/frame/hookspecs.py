@@ -11,9 +11,18 @@ A run's plugin manager holds the selected adapter plus the engine's defaults (re
 
 The order in which a run calls the hooks::
 
-    adapter_info -> load_model -> fixed_attrs -> patch_model -> calibration_batches
-    -> pre_cache -> run_calibration (capture) -> [per block: replay_inputs -> block -> block_outputs]
-    -> post_hook_removal (after accelerate dispatch hooks are removed) -> finish
+    adapter_info -> load_model -> fixed_attrs -> patch_model -> calibration_batches -> pre_cache
+    -> run_calibration (capture; once per calibration batch)
+    -> per block: [replay_inputs -> block -> block_outputs] per sample (fp targets, tuning, outputs)
+       -> post_hook_removal (only where the block was dispatched over several devices)
+    -> export
+
+``example_model`` is called instead of loading a folder when no model is given (and by tests).
+
+Every hook after ``adapter_info`` may declare a ``ctx`` argument: the run's ``blockquant.RunContext``
+(settings, the adapter's options, the loaded model with its processor and pipeline, traits, block
+groups, device, and a typed ``stash`` for the adapter's own state).  Hooks that need nothing from it
+simply leave it out.
 
 Note for implementers (a pluggy rule): a hookimpl argument with a default value is never passed.
 Declare exactly the arguments you use, without defaults.
@@ -46,13 +55,14 @@ def adapter_info():
 
 
 @hookspec(firstresult=True)
-def load_model(source, settings):
+def load_model(source, settings, ctx):
     """Build the model to quantize from a local folder, without materialising its weights.
 
     Args:
         source: ``blockquant.model.model_io.ModelSource`` - the resolved folder, its config.json
             (or model_index.json) and the safetensors index.
-        settings: ``blockquant.config.RunSettings``.
+        settings: ``blockquant.RunSettings``.
+        ctx: ``blockquant.RunContext`` with ``settings``, ``options`` and ``source`` set.
 
     Returns:
         ``blockquant.model.model_io.LoadedModel`` or None for the engine's default (a transformers
@@ -65,14 +75,15 @@ def load_model(source, settings):
 
 
 @hookspec
-def fixed_attrs(model):
+def fixed_attrs(model, ctx):
     """Pin per-model engine traits.
 
     Args:
         model: the loaded model (parameters may still be on the meta device).
+        ctx: ``blockquant.RunContext``.
 
     Returns:
-        dict whose keys are fields of ``blockquant.Traits`` (block groups, shared keys, rebuilt
+        dict whose keys are fields of ``blockquant.Traits`` (block groups, optional groups, shared keys, rebuilt
         keys, variable-input policy, layers kept in full precision, batch-size cap, output
         layout, checkpoint renames).  Results of all implementations are merged, the engine's
         defaults first, so an adapter returns only what it changes.  An unknown key is an error
@@ -83,15 +94,17 @@ def fixed_attrs(model):
 
 
 @hookspec
-def patch_model(model):
+def patch_model(model, ctx):
     """Apply the adapter's model patches.
 
     Must be idempotent: calling it twice leaves the model exactly as calling it once (no double
-    wrapping).  Called after loading and before calibration, and again by
-    ``post_hook_removal``'s caller where hooks were removed.
+    wrapping).  Called once per run, after ``fixed_attrs`` and before calibration (the adapter kit
+    calls it a second time to check idempotence).  What accelerate's hook removal undoes is re-applied
+    by ``post_hook_removal``, which an adapter usually implements by applying its patches again.
 
     Args:
         model: the model to patch (in place).
+        ctx: ``blockquant.RunContext``.
 
     Returns:
         None.
@@ -101,15 +114,16 @@ def patch_model(model):
 
 
 @hookspec(firstresult=True)
-def calibration_batches(model, source, settings):
+def calibration_batches(model, source, settings, ctx):
     """Produce calibration inputs.
 
     Args:
         model: the loaded model (``LoadedModel.model``).
         source: ``blockquant.data.calibration_data.CalibrationSource`` - what the user passed with
-            ``--dataset`` (strings, a file, a folder of images, a hub name) and the processor or
+            ``--dataset`` (strings, a file, a hub name) and ``--images``, and the processor or
             tokenizer loaded beside the model.
-        settings: ``blockquant.config.RunSettings`` (nsamples, seqlen, seed, ...).
+        settings: ``blockquant.RunSettings`` (nsamples, seqlen, seed, ...).
+        ctx: ``blockquant.RunContext``.
 
     Returns:
         a list of batches; each batch is whatever ``run_calibration`` takes - for a transformers
@@ -121,7 +135,7 @@ def calibration_batches(model, source, settings):
 
 
 @hookspec
-def pre_cache(model, calibration):
+def pre_cache(model, calibration, ctx):
     """Last preparation before the capture forward.
 
     Move what the capture forward needs, attach references, and register capture-time hooks
@@ -132,6 +146,7 @@ def pre_cache(model, calibration):
     Args:
         model: the model.
         calibration: ``blockquant.run.capture.Calibration``.
+        ctx: ``blockquant.RunContext``.
 
     Returns:
         None.
@@ -141,7 +156,7 @@ def pre_cache(model, calibration):
 
 
 @hookspec(firstresult=True)
-def run_calibration(model, batch):
+def run_calibration(model, batch, ctx):
     """Run one calibration batch through the model (the capture forward).
 
     The engine's default calls ``model(**batch)``.  Pipelines run their whole denoising loop
@@ -150,6 +165,7 @@ def run_calibration(model, batch):
     Args:
         model: the model (or the pipeline-wrapped component).
         batch: one item of ``calibration_batches``.
+        ctx: ``blockquant.RunContext`` (a pipeline that drives the model is ``ctx.pipeline``).
 
     Returns:
         anything not None (ignored); None lets the next implementation run.
@@ -159,7 +175,7 @@ def run_calibration(model, batch):
 
 
 @hookspec(firstresult=True)
-def replay_inputs(block, index, cached):
+def replay_inputs(block, index, cached, ctx):
     """Rebuild the keyword arguments that vary from block to block.
 
     Called before a block is run on one calibration sample during replay (fp targets, tuning,
@@ -173,6 +189,7 @@ def replay_inputs(block, index, cached):
             (``kwargs``), what the adapter recorded at capture (``extras``), and a mutable
             ``state`` dict that lives for this replay stream only (the fp and the quantized
             replay each have their own), e.g. for shared KV state written by earlier blocks.
+        ctx: ``blockquant.RunContext`` (``ctx.model`` reaches the model that owns the block).
 
     Returns:
         dict of keyword arguments to set (or override) for this block, or None.
@@ -182,7 +199,7 @@ def replay_inputs(block, index, cached):
 
 
 @hookspec(firstresult=True)
-def block_outputs(block, index, output, inputs, cached):
+def block_outputs(block, index, output, inputs, cached, ctx):
     """Map a block's output to the streams that feed the next block.
 
     Args:
@@ -191,6 +208,7 @@ def block_outputs(block, index, output, inputs, cached):
         output: what ``block(**inputs)`` returned, for one sample.
         inputs: the keyword arguments it was called with.
         cached: ``blockquant.SampleInputs`` of the sample (see ``replay_inputs``).
+        ctx: ``blockquant.RunContext``.
 
     Returns:
         dict of stream tensors, e.g. ``{"hidden_states": out}``; a two-stream block returns both
@@ -202,13 +220,15 @@ def block_outputs(block, index, output, inputs, cached):
 
 
 @hookspec
-def post_hook_removal(model):
+def post_hook_removal(model, ctx):
     """Re-apply what accelerate's ``remove_hook_from_submodules`` took away.
 
-    Called after dispatch hooks are removed (multi-device runs, and before export).
+    Called after a block that was dispatched over several devices (``--device_map auto``) has had
+    its dispatch hooks removed; the adapter kit calls it after its own dispatch round trip.
 
     Args:
         model: the model.
+        ctx: ``blockquant.RunContext``.
 
     Returns:
         None.

@@ -22,6 +22,7 @@ from . import hookspecs
 from .contract import AdapterInfo
 from ..errors import AdapterError, VersionError
 from .hookspecs import PROJECT
+from .options import check_options_class, describe_options
 
 GROUP = "blockquant.adapters"
 ENV_SELECT = "BLOCKQUANT_ADAPTERS"
@@ -61,6 +62,8 @@ class AdapterEntry:
             "pipelines": list(info.pipelines) if info else [],
             "requires": dict(info.requires) if info else {},
             "needs": dict(self.missing),
+            "options": [dict(zip(("name", "type", "default", "help"), row)) for row in describe_options(info.options)]
+                       if info else [],
             "description": info.description if info else "",
         }
 
@@ -94,6 +97,10 @@ def check_adapter(name: str, module) -> tuple[AdapterInfo, list[str]]:
     info = pm.hook.adapter_info()
     if not isinstance(info, AdapterInfo):
         raise AdapterError(f"adapter '{name}' must implement adapter_info() returning blockquant.AdapterInfo")
+    try:
+        check_options_class(info.options, name)
+    except TypeError as e:
+        raise AdapterError(str(e)) from e
     return info, hooks
 
 

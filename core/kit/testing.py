@@ -1,4 +1,4 @@
-"""The adapter test kit: the invariants of ARCHITECTURE.md as ready pytest tests (pytest11 plugin).
+"""The adapter test kit: the invariants of docs/architecture.md as ready pytest tests (pytest11 plugin).
 
 Use it from any adapter package (installed, so that its entry point is visible)::
 
@@ -28,12 +28,12 @@ import torch
 from .. import api
 from ..frame import plugins
 from ..run import verify as verify_mod
-from ..errors import AdapterError
+from ..errors import AdapterError, ControlFlow
 from ..export.loading import load_quantized
 from ..run.store import same_value
 
 # Tiny settings: a kit run is seconds per check.  group_size 32 so 64-wide example layers quantize.
-KIT_SETTINGS = dict(nsamples=2, seqlen=32, iters=2, group_size=32, batch_size=2, seed=0, device="cpu", num_inference_steps=2)
+KIT_SETTINGS = dict(nsamples=2, seqlen=32, iters=2, group_size=32, batch_size=2, seed=0, device="cpu")
 ROUND_TRIP_TOLERANCE = 1e-5
 
 _FOLDERS: dict[str, str] = {}
@@ -123,7 +123,7 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise AssertionError(f"cannot find an output tensor in {type(output).__name__}")
 
 
-class _Stop(Exception):
+class _Stop(ControlFlow):
     pass
 
 
@@ -138,7 +138,7 @@ def first_forward(run, model: torch.nn.Module, batch) -> tuple[tuple, dict, torc
     handle = model.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), contextlib.suppress(_Stop):
-            run.pm.hook.run_calibration(model=model, batch=batch)
+            run.hooks.run_calibration(model=model, batch=batch)
     finally:
         handle.remove()
     if not seen:
@@ -190,7 +190,7 @@ class Kit:
         run = api.prepare(self.folder, self.adapter, api.make_settings(**self.settings))
         _materialize_blocks(run)
         once, state = model_snapshot(run.model), _state(run.model)
-        run.pm.hook.patch_model(model=run.model)
+        run.hooks.patch_model(model=run.model)
         twice = model_snapshot(run.model)
         diffs = snapshot_diff(once, twice) + state_diff(state, _state(run.model))
         assert not diffs, (f"adapter '{self.adapter}': patch_model is not idempotent; a second call changed "
@@ -211,7 +211,7 @@ class Kit:
             hooked = sum(hasattr(m, "_hf_hook") for m in run.model.modules())
             assert hooked, "accelerate attached no hooks"
             remove_hook_from_submodules(run.model)
-            run.pm.hook.post_hook_removal(model=run.model)
+            run.hooks.post_hook_removal(model=run.model)
             seen["after"] = model_snapshot(run.model)
 
         report = self.check_replay(dispatch)

@@ -47,12 +47,19 @@ class Block:
     module: torch.nn.Module
 
 
-def resolve_groups(model: torch.nn.Module, traits: Traits, override: str | None = None) -> list[list[Block]]:
-    """The block groups to quantize, as chains of ``Block``.
+def resolve_groups(model: torch.nn.Module, traits: Traits, override: str | None = None,
+                   include: tuple[str, ...] = ()) -> list[list[Block]]:
+    """The block groups to quantize, as chains of ``Block``: the adapter's groups, then the optional groups
+    named in ``include`` (--include_groups).
 
     ``override`` is --to_quant_block_names: comma-separated groups; ``+`` chains lists in one group.
     """
-    groups = traits.block_groups
+    unknown = [n for n in include if n not in traits.optional_groups]
+    if unknown:
+        have = ", ".join(sorted(traits.optional_groups)) or "none"
+        raise UsageError(f"--include_groups {unknown[0]}: this model has no optional block group of that name "
+                         f"(its optional groups: {have})")
+    groups = list(traits.block_groups) + [traits.optional_groups[n] for n in include]
     if override:
         groups = [[p.strip() for p in g.split("+") if p.strip()] for g in override.split(",") if g.strip()]
     if not groups:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..data.processors import load_processor
 from ..errors import ModelFileError
 
 log = logging.getLogger("blockquant")
@@ -314,18 +315,6 @@ def model_class_for(source: ModelSource):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
-
-
-def load_processor(path: str):
-    """The folder's processor, else its tokenizer, else None."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    for loader in (AutoProcessor, AutoTokenizer):
-        try:
-            return loader.from_pretrained(path)
-        except Exception as e:  # noqa: PERF203 - any failure means try the next loader
-            log.debug("%s could not load %s: %s", loader.__name__, path, e)
-    return None
 
 
 def load_transformers_model(source: ModelSource, settings=None) -> LoadedModel:

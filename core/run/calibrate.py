@@ -24,17 +24,17 @@ def capture_inputs(run: Run) -> None:
     processor = run.loaded.processor
     source = CalibrationSource(spec=s.dataset, tokenizer=getattr(processor, "tokenizer", processor),
                                processor=processor, images=s.images)
-    batches = run.pm.hook.calibration_batches(model=run.model, source=source, settings=s)
+    batches = run.hooks.calibration_batches(model=run.model, source=source, settings=s)
     if not batches:
         raise DataError("the calibration data produced no batches; pass --dataset with text (a .txt/.jsonl/.parquet file)")
     run.batches = batches
     calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
-    run.pm.hook.pre_cache(model=run.model, calibration=calibration)
+    run.hooks.pre_cache(model=run.model, calibration=calibration)
     all_blocks = [b for chain in run.groups for b in chain]
     forward = lambda batch: run_batch(run, batch)  # noqa: E731
     try:
         with run.loader.during_forward(all_blocks), torch.no_grad():
-            detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.pm.hook.block_outputs),
+            detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.hooks.block_outputs),
                                run.traits.stop_after_capture, calibration)
             calibration.take_pending()
             cache_keys = _cache_policy(run, detection)
@@ -59,11 +59,11 @@ def capture_inputs(run: Run) -> None:
 def run_batch(run: Run, batch) -> None:
     """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
     try:
-        run.pm.hook.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
     except torch.cuda.OutOfMemoryError:
         log.warning("CUDA out of memory during a calibration forward; retrying this batch on the CPU")
         devices.fall_back_to_cpu(run)
-        run.pm.hook.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
 
 
 def _rows(streams: dict) -> int:

@@ -15,14 +15,14 @@ import torch
 
 from ..model.blocks import Block, bind_inputs
 from ..frame.contract import SampleInputs, Traits
-from ..errors import DataError
+from ..errors import ControlFlow, DataError
 from .store import GroupStore, same_value, to_device
 from ..model.streaming import free_memory
 
 log = logging.getLogger("blockquant")
 
 
-class StopForward(Exception):
+class StopForward(ControlFlow):
     """Raised from a capture hook to end a forward early."""
 
 

@@ -4,54 +4,84 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..config import RunSettings
-from ..errors import Interrupted
-from ..frame.contract import Traits
-from ..model.model_io import ModelSource
+from ..errors import ControlFlow, Interrupted
+from ..export.shards import ShardWriter
+from ..frame.contract import RunContext, Traits
+from ..frame.hooks import AdapterHooks
+from ..frame.plugins import AdapterEntry
+from ..model.blocks import Block
+from ..model.model_io import LoadedModel, ModelSource
 from ..model.streaming import BlockLoader
 from ..resources import devices
+from .report import Progress
+from .resume import Resume
 from .store import GroupStore
 
 
-class Abandon(Exception):
+class Abandon(ControlFlow):
     """The current block was abandoned (a signal arrived); state stays at the previous block."""
 
 
 @dataclass
 class Run:
-    """A prepared run: adapter, model, traits, groups, devices, and the capture stores."""
+    """One run's state.  What adapters may see lives in ``ctx`` (``RunContext``: settings, options, the
+    loaded model, traits, block groups, device, the adapter's stash); the properties below read it.  The
+    rest is the engine's: the adapter entry and its hooks, capture stores, streaming, export, resume."""
 
-    settings: RunSettings
-    entry: Any = None
-    pm: Any = None
-    source: ModelSource | None = None
-    loaded: Any = None
-    traits: Traits | None = None
-    groups: list = field(default_factory=list)
+    ctx: RunContext
+    entry: AdapterEntry | None = None
+    hooks: AdapterHooks | None = None
     stores: list[GroupStore] = field(default_factory=list)
-    device: torch.device | None = None
     cache_device: torch.device | None = None
     compute_dtype: torch.dtype = torch.float32
     model_dtype: torch.dtype = torch.float32
     loader: BlockLoader | None = None
-    writer: Any = None
-    resume: Any = None
-    progress: Any = None
+    writer: ShardWriter | None = None
+    resume: Resume | None = None
+    progress: Progress | None = None
     keep_blocks: bool = False
-    quantized_weights: dict = field(default_factory=dict)
     interrupted: str | None = None
     capture_seconds: float = 0.0
     batches: list = field(default_factory=list)
-    tmpdir: Any = None
+    tmpdir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.ctx.settings
+
+    @property
+    def source(self) -> ModelSource:
+        return self.ctx.source
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.ctx.loaded
 
     @property
     def model(self):
-        return self.loaded.model
+        return self.ctx.model
+
+    @property
+    def traits(self) -> Traits:
+        return self.ctx.traits
+
+    @property
+    def groups(self) -> list[list[Block]]:
+        return self.ctx.groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        self.ctx.device = value
 
     def check_interrupt(self, abandon: bool = False) -> None:
         if self.interrupted:

@@ -65,7 +65,7 @@ class BlockLoop:
         for g, chain in enumerate(ctx.groups):
             # no stores: RTN straight from the weights (settings.weights_only), nothing to replay
             store = ctx.stores[g] if ctx.stores else None
-            replayer = Replayer(ctx.pm.hook, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size) if store is not None else None
+            replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size) if store is not None else None
             n = len(store) if store is not None else 0
             state = ctx.resume.restore_group(g, n) if ctx.resume else None
             if state is None:
@@ -130,9 +130,8 @@ class BlockLoop:
             ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
             ctx.writer.flush()
         if dispatched:
-            devices.unplace_block(block.module, ctx.pm.hook, ctx.model)
+            devices.unplace_block(block.module, ctx.hooks, ctx.model)
         if ctx.keep_blocks:
-            ctx.quantized_weights.update(quantized)
             block.module.to(dtype=ctx.model_dtype)
         else:
             ctx.loader.release(block)

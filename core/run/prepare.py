@@ -12,7 +12,9 @@ from ..config import EXAMPLE_SETTINGS, RunSettings
 from ..errors import AdapterError, UsageError
 from ..export.formats import check_format
 from ..frame import plugins
-from ..frame.contract import Traits
+from ..frame.contract import RunContext, Traits
+from ..frame.hooks import AdapterHooks
+from ..frame.options import parse_options
 from ..model.blocks import resolve_groups
 from ..model.published import publish_like
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
@@ -24,8 +26,8 @@ log = logging.getLogger("blockquant")
 
 
 def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Run:
-    """Steps 1-5: adapter, versions, load, traits, patches; non-block weights materialised."""
-    run = Run(settings=settings)
+    """Steps 1-5: adapter, versions, options, load, traits, patches; non-block weights materialised."""
+    run = Run(ctx=RunContext(settings=settings))
     entries = plugins.discover()
     if model is None:
         if not adapter:
@@ -33,21 +35,22 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         run.entry = plugins.get_adapter(adapter, entries)
         plugins.check_versions(run.entry)      # before the example is built
         model = _example_folder(run)
-    run.source = ModelSource.resolve(model)
+    run.ctx.source = ModelSource.resolve(model)
     if run.entry is None:
         run.entry = plugins.get_adapter(adapter, entries) if adapter else plugins.detect_adapter(run.source, entries)
     plugins.check_versions(run.entry)
+    run.ctx.options = parse_options(run.entry.info.options, settings.options, run.entry.name)
     log.info("adapter %s (%s %s) for %s", run.entry.name, run.entry.distribution, run.entry.version, run.source.path)
-    run.pm = plugins.run_manager(run.entry)
-    run.loaded = run.pm.hook.load_model(source=run.source, settings=settings)
-    run.traits = pin_traits(run)
+    run.hooks = AdapterHooks(plugins.run_manager(run.entry), run.ctx, run.entry.name)
+    run.ctx.loaded = run.hooks.load_model(source=run.source, settings=settings)
+    run.ctx.traits = pin_traits(run)
     if run.traits.checkpoint_renames and run.loaded.weights is not None:
         old = run.loaded.weights
         run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames, old.key_map)
     if settings.format != "fake":
         check_format(settings.format, settings.scheme)
-    run.pm.hook.patch_model(model=run.model)
-    run.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names)
+    run.hooks.patch_model(model=run.model)
+    run.ctx.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names, settings.include_groups)
     run.device = devices.select_device(settings.device)
     run.cache_device = devices.select_device(settings.cache_device) if settings.cache_device else run.device
     run.model_dtype = _model_dtype(run.model)
@@ -60,7 +63,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
     missing = still_meta(run.model, block_prefixes)
     if missing:
         raise AdapterError(f"weights missing outside the blocks after loading: {', '.join(missing[:5])}")
-    run.keep_blocks = store is None or bool(settings.extra.get("keep_blocks"))
+    run.keep_blocks = store is None or settings.keep_blocks
     run.loader = BlockLoader(store, run.device, None)
     return run
 
@@ -77,16 +80,15 @@ def _example_folder(run: Run) -> str:
     log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
     changed = run.settings.apply_defaults({**EXAMPLE_SETTINGS, **example.settings})
     if changed:
-        log.info("example-sized run: %s (pass them to choose)", ", ".join(f"--{k} {v}" for k, v in changed.items()))
+        fields = run.settings.__dataclass_fields__
+        log.info("example-sized run: %s (pass them to choose)",
+                 ", ".join(f"--{k} {v}" if k in fields else f"--set {k}={v}" for k, v in changed.items()))
     return folder
 
 
 def pin_traits(run: Run) -> Traits:
-    traits = Traits()
-    results = run.pm.hook.fixed_attrs(model=run.model)
-    for values in reversed(results):   # defaults come last from pluggy: apply them first
-        if values:
-            traits = traits.updated(values, run.entry.name)
+    """The adapter's traits (``fixed_attrs``) with the user's ``--variable_inputs`` over them."""
+    traits = run.hooks.traits(run.model)
     if run.settings.variable_inputs:
         traits = traits.updated({"variable_inputs": run.settings.variable_inputs}, "--variable_inputs")
     return traits

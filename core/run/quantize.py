@@ -15,6 +15,7 @@ from ..errors import Interrupted, ResourceError
 from ..export import checkpoint
 from ..export.formats import quantization_config
 from ..export.shards import ShardWriter
+from ..frame.options import options_dict
 from ..model.model_io import release
 from ..resources.budget import check_disk, check_memory
 from ..resources.memory import map_large_allocations, reset_peak_vram
@@ -70,6 +71,7 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         checkpoint.check_output(output_dir, s.overwrite)
         partial = output_dir.rstrip("/") + ".partial"
         identity = dict(s.fingerprint(), model=os.path.abspath(run.source.path), adapter=run.entry.name)
+        identity.update({f"option {k}": v for k, v in options_dict(run.ctx.options).items()})
         run.resume = Resume.open(partial, identity, s.fresh)
         weights_dir = os.path.join(partial, traits.weights_subfolder)
         if run.resume.writer_state:
@@ -137,9 +139,9 @@ def _finish(run: Run, loop, partial: str, output_dir: str, report: RunReport) ->
         run.writer.add(checkpoint.outside_tensors(run.model, block_prefixes, run.loaded.weights))
         run.writer.finish()
         component = os.path.join(run.source.path, traits.weights_subfolder)
-        block_names = list(traits.export_block_names) or list(dict.fromkeys(p for g in traits.block_groups for p in g))
-        if s.to_quant_block_names:
-            block_names = [p.strip() for g in s.to_quant_block_names.split(",") for p in g.split("+") if p.strip()]
+        block_names = list(dict.fromkeys(b.ref.path for chain in run.groups for b in chain))   # what was quantized
+        if traits.export_block_names and not s.to_quant_block_names:
+            block_names = list(traits.export_block_names)
         extra = {name: {"bits": 16, "data_type": "float"} for name in loop.kept}
         qconfig = quantization_config(s.format, s.scheme, iters=s.iters, block_names=block_names,
                                       extra_config=extra, version=AUTOROUND_LAYOUT_VERSION)

@@ -86,7 +86,7 @@ def _close(a, b) -> bool:
 
 def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
     """Per global block number, per sample: (true kwargs, true output streams)."""
-    hook = run.pm.hook
+    hook = run.hooks
     refs: dict[int, list] = {}
     handles = []
     for chain in run.groups:
@@ -115,7 +115,7 @@ def reference(run, batches) -> dict[int, list[tuple[dict, dict]]]:
 
 
 def run_verify(model: str | None, adapter: str | None, settings: RunSettings) -> VerifyReport:
-    settings.extra["keep_blocks"] = True
+    settings.keep_blocks = True
     return verify_prepared(prepare(model, adapter, settings))
 
 
@@ -137,7 +137,7 @@ def verify_prepared(run) -> VerifyReport:
                           dtype=str(run.compute_dtype).replace("torch.", ""))
     for g, chain in enumerate(run.groups):
         store = run.stores[g]
-        replayer = Replayer(run.pm.hook, store, run.device, run.compute_dtype)
+        replayer = Replayer(run.hooks, store, run.device, run.compute_dtype)
         streams = [dict(s) for s in store.streams]
         states = [{} for _ in streams]
         for block in chain:
