@@ -78,6 +78,11 @@ def _example_folder(run: Run) -> str:
     example.save(folder)
     publish_like(folder)    # stored as models are published: bfloat16 shards with an index
     log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
+    if torch.get_num_threads() > 1:
+        # a tiny model's matrices are too small to share between CPU threads: one thread is faster, and on a
+        # busy machine many times faster (threads wait for each other at every operation)
+        torch.set_num_threads(1)
+        log.info("example run: one CPU thread (tiny matrices)")
     changed = run.settings.apply_defaults({**EXAMPLE_SETTINGS, **example.settings})
     if changed:
         fields = run.settings.__dataclass_fields__
