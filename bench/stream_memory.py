@@ -1,6 +1,7 @@
 """Streaming-memory benchmark: peak RSS of a block-by-block run vs the bf16 weight size.
 
     python bench/stream_memory.py [--shape qwen3-4b|wide|deep] [--dir DIR] [--iters 2] [--skip rtn,autoround,full]
+                                  [--format gguf:q4_0 --group_size 32]
 
 1. Generates a random decoder-only (Llama-shaped) model of about 8 GB in bf16, written shard by
    shard with safetensors: the model is built on the meta device for names and shapes, and each
@@ -147,7 +148,8 @@ BASELINE = "import torch, transformers, blockquant, blockquant.api, blockquant.r
 QUANTIZE = """
 import json, blockquant.api
 r = blockquant.api.quantize({model!r}, 'generic', iters={iters}, nsamples={nsamples}, seqlen={seqlen},
-                            batch_size={nsamples}, device='cpu', output_dir={out!r}, overwrite=True, fresh=True)
+                            batch_size={nsamples}, device='cpu', output_dir={out!r}, overwrite=True, fresh=True,
+                            format={fmt!r}, group_size={group_size}, sym={sym})
 print('REPORT', json.dumps({{'peak_ram': r.report.peak_ram_bytes, 'wall': r.report.wall_seconds}}))
 """
 
@@ -173,6 +175,9 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=2, help="AutoRound iterations per block")
     p.add_argument("--nsamples", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=64)
+    p.add_argument("--format", default="auto_round", help="--format of the runs (e.g. gguf:q4_0)")
+    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (gguf:q4_1, q4_k)")
     p.add_argument("--regenerate", action="store_true")
     p.add_argument("--skip", default="", help="comma list of runs to skip: rtn,autoround,full")
     args = p.parse_args()
@@ -199,7 +204,8 @@ def main() -> int:
         if key in skip:
             continue
         out = os.path.join(args.dir, f"out-{key}")
-        code = QUANTIZE.format(model=model, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen, out=out)
+        code = QUANTIZE.format(model=model, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen, out=out,
+                               fmt=args.format, group_size=args.group_size, sym=args.sym)
         print(f"running {label} ...", flush=True)
         peak, secs, tail, rc = measured(code)
         if rc:
@@ -214,6 +220,7 @@ def main() -> int:
         rows.append(("full load (from_pretrained)", peak, secs, rc))
     cache = args.nsamples * args.seqlen * h * 4
     print(textwrap.dedent(f"""
+        format {args.format}, group size {args.group_size}, {"sym" if args.sym else "asym"}
         model ({args.shape}): {args.layers} layers, hidden {h}, intermediate {inter}, heads {args.heads}/{args.kv_heads} kv,
         vocab {args.vocab}{" (tied)" if args.tie else ""}
         bf16 weights {weight_bytes / GiB:.2f} GiB; largest block {2 * block / GiB:.3f} GiB bf16

@@ -12,7 +12,28 @@ SCHEMES = {
     "W4A16": dict(bits=4, group_size=128, sym=True),
     "W8A16": dict(bits=8, group_size=128, sym=True),
 }
-FORMATS = ("auto_round", "auto_gptq", "fake")
+FORMATS = ("auto_round", "auto_gptq", "compressed-tensors", "fake")
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q4_k")   # --format gguf:TYPE
+
+
+def parse_formats(text: str) -> list[str]:
+    """``--format`` as a list: one format, or several separated by commas (each written to its own
+    folder from the same tuning pass); ``gguf:TYPE`` names a GGUF type.  Raises UsageError."""
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    choices = ", ".join([f for f in FORMATS] + [f"gguf:{t}" for t in GGUF_TYPES])
+    if not items:
+        raise UsageError(f"--format is empty; choose one or more of {choices}")
+    for item in items:
+        kind, _, gtype = item.partition(":")
+        if item not in FORMATS and not (kind == "gguf" and gtype in GGUF_TYPES):
+            raise UsageError(f"unknown --format {item}; choose one or more of {choices} (comma-separated)")
+    if len(set(items)) != len(items):
+        raise UsageError(f"--format {text} names a format twice; list each format once")
+    if "fake" in items and len(items) > 1:
+        raise UsageError("--format fake writes nothing and cannot be combined with other formats")
+    return items
+
+
 # A run on an adapter's tiny example model (no MODEL given) is a demo: example-sized calibration and
 # tuning, for the settings the user does not pass.  ExampleModel.settings can change them per adapter.
 EXAMPLE_SETTINGS = dict(nsamples=16, seqlen=128, iters=50)
@@ -93,6 +114,7 @@ class RunSettings:
     include_groups: tuple[str, ...] = ()  # optional block groups to quantize too (Traits.optional_groups)
     images: str | None = None         # folder / .jsonl of images for image+text calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    allow_unquantized: bool = False   # a run that keeps every layer in full precision warns instead of failing
     keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
     options: dict = field(default_factory=dict)   # the adapter's options, raw (validated against AdapterInfo.options)
@@ -124,8 +146,16 @@ class RunSettings:
                 raise UsageError(f"--{name} must be a positive integer (got {value})")
         if self.iters < 0:
             raise UsageError(f"--iters must be 0 (RTN) or positive (got {self.iters})")
-        if self.format not in FORMATS:
-            raise UsageError(f"unknown --format {self.format}; choose one of {', '.join(FORMATS)}")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name} must be a positive number (got {value}); omit it for the default 1/iters")
+        self.format = ",".join(parse_formats(self.format))
+
+    @property
+    def formats(self) -> list[str]:
+        """The output formats (``format`` split at commas)."""
+        return self.format.split(",")
 
     @property
     def weights_only(self) -> bool:

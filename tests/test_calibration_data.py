@@ -129,6 +129,15 @@ def test_load_jsonl_fields(tmp_path):
         load_texts(str(bad))
 
 
+def test_load_tsv_column_or_first(tmp_path):
+    named = tmp_path / "p.tsv"
+    named.write_text("id\tcaption\n1\ta boat\n2\ta tree\n", encoding="utf-8")
+    assert load_texts(str(named)) == ["a boat", "a tree"]          # the header names the column
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("a boat\t1\na tree\t2\n", encoding="utf-8")
+    assert load_texts(str(bare)) == ["a boat", "a tree"]           # no header: the first column
+
+
 def test_load_json_list(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(["x", {"text": "y"}]), encoding="utf-8")

@@ -9,9 +9,12 @@ pytest.importorskip("diffusers")
 
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import calibration as cal  # noqa: E402
-from blockquant.adapters.flux.prompts import DEFAULT_PROMPTS, read_prompts  # noqa: E402
+from blockquant.adapters.flux.calibration import read_prompts  # noqa: E402
+from blockquant.data.corpus import image_prompts  # noqa: E402
 from blockquant.run.capture import StopForward  # noqa: E402
 from blockquant.config import RunSettings  # noqa: E402
+from blockquant.frame.contract import RunContext  # noqa: E402
+from blockquant.model.model_io import LoadedModel  # noqa: E402
 from blockquant.errors import DataError, UsageError  # noqa: E402
 from blockquant.frame.options import parse_options  # noqa: E402
 
@@ -24,8 +27,14 @@ def example():
     return flux.example_model()
 
 
+def _ctx(example, options, **settings):
+    """The run context the engine hands the flux hooks: settings, options, the transformer and its pipeline."""
+    return RunContext(settings=RunSettings(**settings), options=options,
+                      loaded=LoadedModel(model=example.model, pipeline=example.pipeline))
+
+
 def test_prompt_sources(tmp_path):
-    assert read_prompts(None) == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) >= 32
+    assert read_prompts(None) == image_prompts() and len(image_prompts()) >= 32
     assert read_prompts(["a cat ", "", "a dog"]) == ["a cat", "a dog"]
     txt = tmp_path / "p.txt"
     txt.write_text("first prompt\n\nsecond prompt\n")
@@ -44,25 +53,24 @@ def test_prompt_sources(tmp_path):
 def test_prompt_source_errors(tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
-    with pytest.raises(DataError, match="no prompts"):
+    with pytest.raises(DataError, match="holds no text"):
         read_prompts(str(empty))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"other": 1}\n')
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
         read_prompts(str(bad))
     with pytest.raises(DataError, match="folder"):
         read_prompts(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="offline"):
+    with pytest.raises(DataError, match="someone/captions: no such local file"):
         read_prompts("someone/captions")
 
 
 def test_plan_cycles_prompts_with_distinct_seeds(example):
     from blockquant.data.calibration_data import CalibrationSource
 
-    settings = RunSettings(nsamples=5, seqlen=2048, seed=7)
-    batches = cal.calibration_plan(example.model, CalibrationSource(spec=["one", "two"]), settings,
-                                   flux.Options(num_inference_steps=STEPS))
+    ctx = _ctx(example, flux.Options(num_inference_steps=STEPS), nsamples=5, seqlen=2048, seed=7)
+    batches = flux.calibration_batches(CalibrationSource(spec=["one", "two"]), ctx)
     assert [b["prompt"] for b in batches] == ["one", "two", "one", "two", "one"]
     assert [b["seed"] for b in batches] == [7, 8, 9, 10, 11]
     b = batches[0]
@@ -77,7 +85,7 @@ def test_plan_rejects_bad_options(example):
     with pytest.raises(UsageError, match="num_inference_steps must be a positive integer"):
         parse_options(flux.Options, {"num_inference_steps": "0"}, "flux")
     with pytest.raises(UsageError, match="divisible by 16"):
-        cal.calibration_plan(example.model, None, RunSettings(nsamples=1), flux.Options(height=40))
+        cal.calibration_plan(_ctx(example, flux.Options(height=40), nsamples=1))
 
 
 def _drive(example, mode, images=None):
@@ -86,18 +94,20 @@ def _drive(example, mode, images=None):
     chain = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
     done = [0] * len(chain)
     inputs = []
+    before = set(vars(tr))
     handles = [b.register_forward_hook(lambda m, a, o, i=i: done.__setitem__(i, done[i] + 1)) for i, b in enumerate(chain)]
     handles.append(tr.register_forward_pre_hook(lambda m, a, k: inputs.append(k["hidden_states"].clone()), with_kwargs=True))
-    cal.install_stop_hook(tr, lambda module, fn: handles.append(module.register_forward_pre_hook(fn, with_kwargs=True)))
-    settings = RunSettings(nsamples=1, seqlen=16, images=images)
-    batch = cal.calibration_plan(tr, None, settings, flux.Options(num_inference_steps=STEPS, trajectory=mode))[0]
+    ctx = _ctx(example, flux.Options(num_inference_steps=STEPS, trajectory=mode), nsamples=1, seqlen=16, images=images)
+    cal.install_stop_hook(ctx, lambda module, fn: handles.append(module.register_forward_pre_hook(fn, with_kwargs=True)))
+    batch = cal.calibration_plan(ctx)[0]
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
-            cal.run_pipeline(tr, batch)
+            cal.run_pipeline(ctx, batch)
     finally:
         for h in handles:
             h.remove()
-    assert not hasattr(tr, cal.RUN_ATTR) and "forward" not in vars(tr)   # the run leaves nothing behind
+    # the run leaves nothing behind: no run state in the stash, no attribute on the model (but diffusers' own)
+    assert ctx.stash.get(cal.RUN) is None and "forward" not in vars(tr) and set(vars(tr)) - before <= {"_diffusers_hook"}
     return done, inputs
 
 
@@ -142,9 +152,9 @@ def test_a_run_keeps_accelerate_hooks_on_the_transformer(example):
     dispatch_model(tr, device_map={"": "cpu"}, force_hooks=True)
     try:
         wrapped = vars(tr)["forward"]
-        batch = cal.calibration_plan(tr, None, RunSettings(nsamples=1, seqlen=16), flux.Options(num_inference_steps=2))[0]
+        ctx = _ctx(example, flux.Options(num_inference_steps=2), nsamples=1, seqlen=16)
         with torch.no_grad():
-            cal.run_pipeline(tr, batch)
+            cal.run_pipeline(ctx, cal.calibration_plan(ctx)[0])
         assert vars(tr)["forward"] is wrapped
     finally:
         remove_hook_from_submodules(tr)

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 from blockquant import api  # noqa: E402
 from blockquant.adapters import flux  # noqa: E402
 from blockquant.adapters.flux import calibration as cal  # noqa: E402
-from blockquant.adapters.flux.loading import load_quantized_pipeline  # noqa: E402
+from blockquant import load_quantized_pipeline  # noqa: E402
 
 
 STEPS = 3

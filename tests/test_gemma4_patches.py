@@ -1,4 +1,5 @@
-"""The gemma4 adapter's patch (shared KV passed by reference through accelerate hooks) and version gates."""
+"""The gemma4 adapter's patch (shared KV passed by reference through accelerate hooks, the core's
+blockquant.resources.by_reference) and its shared-KV layout probe."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,8 @@ from packaging.version import Version
 
 from blockquant.frame import plugins
 from blockquant.adapters import gemma4
-from blockquant.adapters.gemma4 import patches, versions
+from blockquant.adapters.gemma4 import versions
+from blockquant.resources.by_reference import by_reference_hook, pass_by_reference
 from blockquant.errors import VersionError
 
 
@@ -36,7 +38,7 @@ def _per_layer_cpu_map(model):
 
 
 def _hook_counts(model):
-    return [sum(fn is patches.pass_shared_kv_by_reference for fn in layer._forward_pre_hooks.values())
+    return [sum(fn is by_reference_hook("shared_kv_states") for fn in layer._forward_pre_hooks.values())
             for layer in model.model.layers]
 
 
@@ -48,7 +50,7 @@ def test_patch_is_idempotent_and_changes_no_value():
     pm.hook.patch_model(model=model, ctx=None)
     pm.hook.patch_model(model=model, ctx=None)
     assert _hook_counts(model) == [1, 1, 1, 1]
-    assert patches.apply(model) == 0
+    assert pass_by_reference(model.model.layers, "shared_kv_states") == 0
     assert torch.equal(_logits(model, ids), before)
 
 

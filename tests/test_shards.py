@@ -123,7 +123,7 @@ def test_state_lists_shards_with_tensor_names_and_sizes(tmp_path):
     assert all(os.path.isfile(tmp_path / p) for s in state["shards"] for p in s["parts"])
 
 
-def test_resume_refuses_missing_files_and_other_settings(tmp_path):
+def test_resume_refuses_missing_or_damaged_files_and_other_settings(tmp_path):
     writer = ShardWriter(str(tmp_path), max_shard_size=5000)
     for i in range(4):
         writer.add(group(i))
@@ -134,18 +134,39 @@ def test_resume_refuses_missing_files_and_other_settings(tmp_path):
     os.remove(tmp_path / state["shards"][0]["parts"][1])
     with pytest.raises(BlockquantError, match="missing"):
         ShardWriter.resume(str(tmp_path), "model", 5000, state)
+    part = tmp_path / state["shards"][0]["parts"][0]   # a flipped bit: refused on resume and on finish
+    data = bytearray(part.read_bytes())
+    data[-3] ^= 0x10
+    part.write_bytes(bytes(data))
+    with pytest.raises(BlockquantError, match="is damaged .*--fresh"):
+        ShardWriter.resume(str(tmp_path), "model", 5000, state)
+    with pytest.raises(BlockquantError, match="is damaged"):
+        writer.finish()
 
 
-def test_resume_after_an_interrupted_finish(tmp_path):
+class _Died(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_resume_after_an_interrupted_finish(tmp_path, stop_at):
+    """finish() records each shard through ``saved``; a finish that died after any record resumes to the same files."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     write_all(ref, range(7), 5000)
     writer = ShardWriter(out, max_shard_size=5000)
     for i in range(7):
         writer.add(group(i))
         writer.flush()
-    state = writer.state()
-    writer._merge(0)    # finish got as far as writing the first shard, then the run died
-    resumed = ShardWriter.resume(out, "model", 5000, state)
+    states = [writer.state()]
+
+    def saved(state):
+        states.append(state)
+        if len(states) == stop_at + 1:
+            raise _Died
+
+    with pytest.raises(_Died):
+        writer.finish(saved)
+    resumed = ShardWriter.resume(out, "model", 5000, states[-1])
     resumed.finish()
     assert files_of(out) == files_of(ref)
 

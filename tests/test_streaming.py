@@ -163,3 +163,12 @@ def test_predicted_output_size_matches_the_written_checkpoint(tmp_path):
     written = sum(os.path.getsize(os.path.join(result.output_dir, f))
                   for f in os.listdir(result.output_dir) if f.endswith(".safetensors"))
     assert 0.8 * written <= predicted_output_bytes(result.run) <= 1.2 * written
+
+
+def test_weight_store_floating_dtype_comes_from_the_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a.ids": torch.arange(4), "b.weight": torch.ones(2, 2, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+    assert WeightStore(str(tmp_path)).floating_dtype() == torch.bfloat16
+    save_file({"a.ids": torch.arange(4)}, str(tmp_path / "ints.safetensors"))
+    assert WeightStore(str(tmp_path), prefix="ints").floating_dtype() == torch.float32     # no float tensor

@@ -1,15 +1,9 @@
 """blockquant adapter for FLUX diffusion transformers (diffusers ``FluxTransformer2DModel`` in a ``FluxPipeline``).
 
-What is FLUX-specific, all in this folder:
-
-- one block group chaining the double-stream ``transformer_blocks`` and the single-stream
-  ``single_transformer_blocks``; every block returns ``(encoder_hidden_states, hidden_states)`` and both
-  streams feed the next block (and the tuning loss);
-- loading a pipeline folder: the transformer is built empty and streams its weights from
-  ``transformer/diffusion_pytorch_model*.safetensors``; the other components drive calibration;
-- calibration runs the pipeline over prompts for ``num_inference_steps`` steps (calibration.py);
-- export in the transformer's folder with diffusers' file names;
-- a tiny offline pipeline for tests and demos (example.py); multi-device placement (dispatch.py).
+One block group: the double-stream ``transformer_blocks``, then the single-stream ``single_transformer_blocks``
+(both streams feed the next block).  The transformer of a pipeline folder streams from ``transformer/`` and is
+exported there; calibration runs the pipeline's denoising loop (calibration.py); example.py builds a tiny
+offline pipeline.  Model notes: docs/models/flux.md.
 """
 from __future__ import annotations
 
@@ -17,12 +11,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-import blockquant
-from blockquant import AdapterInfo, ExampleModel
+import torch
+
+from blockquant import AdapterInfo, ExampleModel, hookimpl
+from blockquant.errors import ModelFileError
+from blockquant.model.model_io import LoadedModel, WeightStore
+from blockquant.resources.devices import select_device
 
 from . import calibration as _calibration
-from .loading import PIPELINE_CLASS, TRANSFORMER_FOLDER, WEIGHTS_NAME
 
+PIPELINE_CLASS, TRANSFORMER_FOLDER, WEIGHTS_NAME = "FluxPipeline", "transformer", "diffusion_pytorch_model"
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
@@ -41,82 +39,80 @@ class Options:
             raise ValueError(f"num_inference_steps must be a positive integer (got {self.num_inference_steps})")
 
 
-def _is_flux_transformer(model) -> bool:
-    return type(model).__name__ == "FluxTransformer2DModel" or (
-        hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks"))
-
-
-@blockquant.hookimpl
+@hookimpl
 def adapter_info():
     return AdapterInfo(
         name="flux",
         description="FLUX diffusion transformers (diffusers FluxPipeline): double- then single-stream blocks",
-        architectures=("FluxTransformer2DModel",),
-        pipelines=(PIPELINE_CLASS,),
-        requires={"diffusers": ">=0.35,<1"},
-        options=Options,
+        architectures=("FluxTransformer2DModel",), pipelines=(PIPELINE_CLASS,),
+        requires={"diffusers": ">=0.35,<1"}, options=Options,
         needs={"diffusers": "blockquant[flux]", "PIL": "blockquant[flux]"},
     )
 
 
-@blockquant.hookimpl
+@hookimpl
 def load_model(source, settings):
-    from .loading import load_flux_pipeline
+    from accelerate import init_empty_weights
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    return load_flux_pipeline(source, settings)
+    if source.pipeline_class != PIPELINE_CLASS:
+        raise ModelFileError(f"the flux adapter loads diffusers {PIPELINE_CLASS} folders (model_index.json); "
+                             f"{source.path} holds {source.pipeline_class or 'no model_index.json'}")
+    folder = os.path.join(source.path, TRANSFORMER_FOLDER)
+    store = WeightStore(folder, prefix=WEIGHTS_NAME)      # a missing transformer/ fails here, naming the files
+    with init_empty_weights(include_buffers=False):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder))
+    # fp32 on the CPU (what the engine computes in there), the checkpoint's dtype on an accelerator
+    cpu = select_device(settings.device).type == "cpu"
+    transformer = transformer.to(torch.float32 if cpu else store.floating_dtype()).eval()
+    pipe = FluxPipeline.from_pretrained(source.path, transformer=None, dtype=store.floating_dtype())
+    pipe.register_modules(transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(model=transformer, processor=pipe.tokenizer_2, source=source, pipeline=pipe, weights=store,
+                       weights_folder=TRANSFORMER_FOLDER)
 
 
-@blockquant.hookimpl
+@hookimpl
 def fixed_attrs(model):
-    if not _is_flux_transformer(model):
-        return {}
     return {
         "block_groups": [["transformer_blocks", "single_transformer_blocks"]],
-        # the rotary table is computed once per forward from the text and image ids: equal for all samples
-        # of one resolution; the pipeline passes the same (empty) joint_attention_kwargs every call.
+        # the rotary table comes from the text and image ids (equal for all samples of one resolution);
+        # the pipeline passes the same (empty) joint_attention_kwargs every call
         "shared_keys": ("image_rotary_emb", "joint_attention_kwargs"),
-        # the denoising trajectory needs the transformer's output: calibration.py stops the forward itself
-        "stop_after_capture": False,
+        "stop_after_capture": False,     # the trajectory needs the transformer's output: calibration.py stops it
         "weights_subfolder": TRANSFORMER_FOLDER,
         "weights_name": WEIGHTS_NAME,
     }
 
 
-@blockquant.hookimpl
-def calibration_batches(model, source, settings, ctx):
-    return _calibration.calibration_plan(model, source, settings, ctx.options)
+@hookimpl
+def calibration_batches(source, ctx):
+    return _calibration.calibration_plan(ctx, source.spec)
 
 
-@blockquant.hookimpl
-def pre_cache(model, calibration):
-    if _is_flux_transformer(model):
-        _calibration.install_stop_hook(model, lambda module, fn: calibration.hook(module, fn, pre=True, with_kwargs=True))
+@hookimpl
+def pre_cache(calibration, ctx):
+    _calibration.install_stop_hook(ctx, lambda module, fn: calibration.hook(module, fn, pre=True, with_kwargs=True))
 
 
-@blockquant.hookimpl
-def run_calibration(model, batch):
-    if isinstance(batch, dict) and "prompt" in batch and _is_flux_transformer(model):
-        _calibration.run_pipeline(model, batch)
-        return True
-    return None
+@hookimpl
+def run_calibration(batch, ctx):
+    _calibration.run_pipeline(ctx, batch)
+    return True
 
 
-@blockquant.hookimpl
-def block_outputs(block, index, output, inputs, cached):
+@hookimpl
+def block_outputs(block, output):
     if type(block).__name__ in BLOCK_CLASSES:
         encoder_hidden_states, hidden_states = output
         return {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states}
-    return None
 
 
-@blockquant.hookimpl
+@hookimpl
 def example_model():
     from .example import build_pipeline, save_pipeline
 
     pipe = build_pipeline()
-    _calibration.attach_pipeline(pipe.transformer, pipe)
-    return ExampleModel(
-        name="flux-tiny", model=pipe.transformer, processor=pipe.tokenizer_2,
-        save=lambda folder: save_pipeline(pipe, os.fspath(folder)), pipeline=pipe,
-        settings={"nsamples": 4, "num_inference_steps": 2},   # 4 prompts x 2 steps = 8 samples
-    )
+    return ExampleModel(name="flux-tiny", model=pipe.transformer, processor=pipe.tokenizer_2, pipeline=pipe,
+                        save=lambda folder: save_pipeline(pipe, os.fspath(folder)),
+                        settings={"nsamples": 4, "num_inference_steps": 2})   # 4 prompts x 2 steps = 8 samples

@@ -3,14 +3,15 @@ facts it relies on are in docs/models/gemma4.md.
 
 Text blocks are quantized; the vision tower is the optional group ``vision``; an audio tower stays in
 full precision.  Replay rebuilds each block's per-layer input, rope and mask of its layer type, and the
-shared KV state (replay.py), in the layout the installed transformers uses (versions.py).
+shared KV state (replay.py), in the layout the installed transformers uses (versions.py); the one patch
+passes that state by reference through accelerate's dispatch hooks.
 """
 from __future__ import annotations
 
-from blockquant import AdapterInfo, hookimpl
+from blockquant import AdapterInfo, UsageError, hookimpl
+from blockquant.resources.by_reference import pass_by_reference
 
 from . import model as _model
-from . import patches as _patches
 from . import replay as _replay
 from . import versions as _versions
 from .example import example_default, example_multimodal, example_text
@@ -45,12 +46,13 @@ def fixed_attrs(model):
 
 @hookimpl
 def patch_model(model):
-    _patches.apply(model)
+    # the text model hands one shared_kv_states dict to every layer; accelerate would copy it per layer
+    pass_by_reference(_model.text_layers(model), "shared_kv_states")
 
 
 @hookimpl
 def post_hook_removal(model):
-    _patches.apply(model)
+    patch_model(model)
 
 
 @hookimpl
@@ -76,3 +78,12 @@ def block_outputs(block, index, output, inputs, cached):
 @hookimpl
 def example_model():
     return example_default()
+
+
+@hookimpl
+def gguf_layout(model):
+    # llama.cpp has a Gemma 4 architecture, but its converter's handling (norm offsets, per-layer
+    # embeddings, KV-shared layers, the vision/audio towers) has not been reproduced and checked
+    # against llama.cpp here: refuse rather than write a file that loads and produces nonsense.
+    raise UsageError("GGUF export of Gemma 4 is not supported by the gemma4 adapter yet; use --format auto_round "
+                     "or compressed-tensors (vLLM), or convert the auto_round output with llama.cpp's own tools")

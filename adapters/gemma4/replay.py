@@ -7,7 +7,6 @@ state lives in the replay stream's ``state`` (``commit_shared_kv`` after a stori
 """
 from __future__ import annotations
 
-import inspect
 from types import MappingProxyType
 
 import torch
@@ -20,6 +19,7 @@ from .model import text_model
 
 EXTRAS_KEY = "gemma4.rebuild"      # extras: {"ple_ids", "attention_mask", "mm_token_type_ids"}
 STATE_KEY = "gemma4.shared_kv"     # cached.state: {store key: (keys, values)}
+CACHE_KEYS = {"past_key_values", "cache"}          # the layer's cache argument (renamed "cache" in 5.24)
 REBUILT_KEYS = ("per_layer_input", "position_embeddings", "attention_mask", "shared_kv_states")
 # Layers that neither store nor read shared KV get this one read-only empty mapping: the same object
 # for every sample keeps their replay collatable into mini-batches.
@@ -35,26 +35,19 @@ def register_capture_hooks(model: torch.nn.Module, calibration) -> None:
     """
     inner = text_model(model)
     seen: dict = {}
-    signature = inspect.signature(model.forward)
-
-    def top_pre(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        seen.clear()
-        seen["attention_mask"] = bound.get("attention_mask")
-        seen["mm_token_type_ids"] = bound.get("mm_token_type_ids")
 
     def ple_pre(module, args, kwargs):
         seen["ple_ids"] = args[0] if args else kwargs.get("input")
 
     def rope_pre(module, args, kwargs):
-        mask = seen.get("attention_mask")
+        batch = calibration.batch if isinstance(calibration.batch, dict) else {}
+        mask = batch.get("attention_mask")
         calibration.record(EXTRAS_KEY, {
             "ple_ids": seen.get("ple_ids"),
             "attention_mask": mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-            "mm_token_type_ids": seen.get("mm_token_type_ids"),
+            "mm_token_type_ids": batch.get("mm_token_type_ids"),
         })
 
-    calibration.hook(model, top_pre, pre=True, with_kwargs=True)
     if getattr(inner, "embed_tokens_per_layer", None) is not None:
         calibration.hook(inner.embed_tokens_per_layer, ple_pre, pre=True, with_kwargs=True)
     calibration.hook(inner.rotary_emb, rope_pre, pre=True, with_kwargs=True)
@@ -93,7 +86,9 @@ def rebuild(block: torch.nn.Module, cached, strategy, inner: torch.nn.Module, on
     state is rebuilt; the engine supplies the cached per-block values.
     """
     attn = block.self_attn
-    out: dict = {"past_key_values": None, "shared_kv_states": shared_kv(block, cached, strategy)}
+    out: dict = {"shared_kv_states": shared_kv(block, cached, strategy)}
+    for cache in CACHE_KEYS & cached.kwargs.keys():   # never a cache the replay would write into
+        out[cache] = None
     if only_shared_kv:
         return out
     extras = cached.extras.get(EXTRAS_KEY) or {}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from blockquant import AdapterInfo, ExampleModel, hookimpl
 
+from .gguf_layout import gguf_layout  # noqa: F401  (a hook implementation of this adapter)
+
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "gemma2", "gemma3_text",
                "smollm3", "helium", "glm", "cohere", "starcoder2", "stablelm", "internlm2", "exaone", "falcon")
 

@@ -1,12 +1,13 @@
 """Calibration text: where it comes from (``load_texts``) and how it becomes token samples.
 
-``--dataset`` may name a .txt, .jsonl, .json or .parquet file, a hub dataset ("org/name[:split]",
+``--dataset`` may name a .txt, .jsonl, .json, .tsv or .parquet file, a hub dataset ("org/name[:split]",
 only when the ``datasets`` library is installed and the hub is reachable), or nothing (the
 offline standard-library corpus).  Text samples are cut from the concatenated token stream of
 all texts, so short texts are never dropped and every sample has exactly ``seqlen`` tokens.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ from .corpus import stdlib_paragraphs
 log = logging.getLogger("blockquant")
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-FILE_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".tsv", ".parquet")
 TEXT_FIELDS = ("text", "prompt")
+TSV_COLUMNS = TEXT_FIELDS + ("caption",)
 LOCAL_HINT = "pass local data with --dataset path/to/file.txt|.jsonl|.parquet, or leave --dataset out for the built-in offline corpus"
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
@@ -81,11 +83,13 @@ def _read_file(path: str) -> list[str]:
         return _read_jsonl(path)
     if lower.endswith(".json"):
         return _read_json(path)
+    if lower.endswith(".tsv"):
+        return _read_tsv(path)
     if lower.endswith(".parquet"):
         return _read_parquet(path)
     if lower.endswith(TEXT_SUFFIXES):
         return split_text(_read(path))
-    raise DataError(f"--dataset {path}: unsupported file type; use .txt (paragraphs), .jsonl, .json or .parquet")
+    raise DataError(f"--dataset {path}: unsupported file type; use .txt (paragraphs), .jsonl, .json, .tsv or .parquet")
 
 
 def _read(path: str) -> str:
@@ -147,6 +151,16 @@ def _read_json(path: str) -> list[str]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of strings or of {{\"text\": ...}} objects")
     return [t for t in map(text_of, data) if t is not None]
+
+
+def _read_tsv(path: str) -> list[str]:
+    """The column named text/prompt/caption when the first row names one (a header), else the first column."""
+    rows = [r for r in csv.reader(_read(path).splitlines(), delimiter="\t") if r]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    column = next((header.index(k) for k in TSV_COLUMNS if k in header), None)
+    if column is None:
+        return [r[0] for r in rows]
+    return [r[column] for r in rows[1:] if len(r) > column]
 
 
 def _read_parquet(path: str) -> list[str]:

@@ -99,3 +99,11 @@ def stdlib_paragraphs(split: str = "train") -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"unknown corpus split {split!r}; use one of {', '.join(SPLITS)}")
     return list(_split_paragraphs(stdlib_folder())[split])
+
+
+def image_prompts() -> list[str]:
+    """Text-to-image calibration prompts (varied subjects, styles and compositions, written for this
+    project), shipped as ``image_prompts.txt`` beside this module: what diffusion adapters calibrate with
+    when no ``--dataset`` is given."""
+    with open(os.path.join(os.path.dirname(__file__), "image_prompts.txt"), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]

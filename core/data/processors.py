@@ -1,6 +1,6 @@
 """The tokenizer or processor of a model folder, for calibration - also without torchvision.
 
-Multimodal processors (``Qwen2_5_VLProcessor``, ``Gemma4Processor``, ...) bundle a video processor
+Many multimodal processors bundle a video processor
 (and sometimes an audio feature extractor) whose classes need torchvision; where it is missing,
 ``AutoProcessor`` fails although images and text need neither.  ``load_processor`` then assembles
 the folder's own processor class (named by ``processor_class`` in its processor_config.json or

@@ -69,7 +69,7 @@ def tiny_tokenizer(vocab_size: int = 512, model_max_length: int = 4096):
 
 def bpe_vocab_and_merges(vocab_size: int = 512) -> tuple[dict, list[tuple[str, str]]]:
     """The byte-level BPE of ``tiny_tokenizer`` as (vocab, merges), for a family's own tokenizer class
-    (e.g. ``Qwen2Tokenizer(vocab=..., merges=...)``); the four special tokens are ids 0-3."""
+    (a BPE tokenizer class that takes ``vocab=`` and ``merges=``); the four special tokens are ids 0-3."""
     model = json.loads(_trained_json(vocab_size))["model"]
     return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
 

@@ -16,9 +16,15 @@ import torch
 
 from ..config import QuantScheme
 from ..errors import BlockquantError, ModelFileError, UsageError
+from .compressed import FORMAT as COMPRESSED
+from .compressed import layer_tensors as compressed_layer_tensors
+from .compressed import quantization_config as compressed_config
+from .gguf_quants import REQUIREMENTS as GGUF_REQUIREMENTS
+from .gguf_quants import check_scheme as check_gguf_scheme
 from .packing import SUPPORTED_BITS, pack
 
 PACKED_FORMATS = ("auto_round", "auto_gptq")
+SAFETENSORS_FORMATS = PACKED_FORMATS + (COMPRESSED,)
 GPTQ_DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
@@ -32,6 +38,7 @@ class LayerLayout:
     sym: bool = True
     zero_offset: int = 1
     g_idx: bool = False
+    awq: bool = False     # AutoAWQ packing (read only, see awq.py)
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size in (-1, 0) or self.group_size >= in_features else -(-in_features // self.group_size)
@@ -61,8 +68,11 @@ def check_format(fmt: str, scheme: QuantScheme) -> None:
     """Refuse, before any work, a scheme that format ``fmt`` cannot hold."""
     if fmt == "fake":
         return
-    if fmt not in PACKED_FORMATS:
-        raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(PACKED_FORMATS)} or fake")
+    if fmt.startswith("gguf:") and fmt[5:] in GGUF_REQUIREMENTS:
+        check_gguf_scheme(fmt[5:], scheme)
+        return
+    if fmt not in SAFETENSORS_FORMATS:
+        raise UsageError(f"unknown --format {fmt}; choose one of {', '.join(SAFETENSORS_FORMATS)}, gguf:TYPE or fake")
     if scheme.data_type != "int":
         raise UsageError(f"--format {fmt} holds integer weights only (data_type int), not {scheme.data_type}")
     if scheme.bits not in SUPPORTED_BITS:
@@ -86,6 +96,8 @@ def layer_tensors(name: str, qw, bias: torch.Tensor | None, fmt: str, *,
                   packing_sym: bool | None = None) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one quantized linear layer ``name`` from a ``QuantizedWeight``
     (``packing_sym``: the model-wide ``sym`` when this layer's differs, see :func:`layout`)."""
+    if fmt == COMPRESSED:
+        return compressed_layer_tensors(name, qw, bias)
     lay = layout(fmt, qw.scheme, packing_sym)
     q = qw.qweight
     out_features, in_features = q.shape
@@ -132,15 +144,18 @@ def gptq_dynamic(extra_config: dict[str, dict]) -> dict[str, dict]:
 
 
 def quantization_config(fmt: str, scheme: QuantScheme, *, iters: int, block_names: list[str],
-                        extra_config: dict[str, dict], version: str) -> dict:
+                        extra_config: dict[str, dict], version: str, ignore: list[str] = ()) -> dict:
     """The ``quantization_config`` object of config.json for ``fmt``.
 
     ``version`` is written as ``autoround_version`` (auto_round; auto-round reads it as the layout
     version, so pass the auto-round release whose layout is written, "0.16.1"); auto_gptq ignores it.
     ``extra_config`` maps layer names to their differences from ``scheme`` (``{"bits": 16}``: kept in
-    full precision inside a quantized block).
+    full precision inside a quantized block).  ``ignore``: the Linear layers left in full precision
+    (compressed-tensors lists them all, the others use ``extra_config``).
     """
     check_format(fmt, scheme)
+    if fmt == COMPRESSED:
+        return compressed_config(scheme, list(ignore))
     if fmt == "auto_round":
         cfg = {
             "quant_method": "auto-round",
@@ -191,7 +206,7 @@ def layer_layout_from_config(qcfg: dict, name: str) -> LayerLayout | None:
         if bits >= 16 or over.get("data_type", "int") != "int":
             return None
         packing = str(qcfg.get("packing_format") or "auto_round:auto_gptq")
-        return LayerLayout(bits, group_size, sym, zero_offset=1 if "gptq" in packing else 0)
+        return LayerLayout(bits, group_size, sym, zero_offset=1 if "gptq" in packing else 0, awq="awq" in packing)
     if method == "gptq":
         for pattern, over in (qcfg.get("dynamic") or {}).items():
             negative = pattern.startswith("-:")

@@ -167,6 +167,21 @@ def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None, mo
     return model.to(device).eval()
 
 
+def load_quantized_pipeline(folder: str, device="cpu", dtype: torch.dtype | None = None):
+    """Load a diffusers pipeline folder a quantization run wrote: every component whose config.json has a
+    quantization_config through ``load_quantized``, the others through the pipeline's own loader (so no
+    quantization integration of diffusers, nor its package, is involved)."""
+    index = _read_json(os.path.join(folder, "model_index.json"))
+    if index is None:
+        raise UsageError(f"{folder} has no model_index.json: not a pipeline folder; load it with load_quantized")
+    from diffusers import DiffusionPipeline
+
+    quantized = {name: load_quantized(os.path.join(folder, name), device=device, dtype=dtype) for name in index
+                 if "quantization_config" in (_read_json(os.path.join(folder, name, "config.json")) or {})}
+    pipe = DiffusionPipeline.from_pretrained(folder, **quantized, **({"dtype": dtype} if dtype is not None else {}))
+    return pipe.to(device)
+
+
 def _has(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)

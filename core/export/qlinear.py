@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .awq import awq_unpack
 from .formats import LayerLayout, layer_layout_from_config, layer_tensors, layout
 from .packing import unpack
 
@@ -32,7 +33,8 @@ class QuantLinear(nn.Module):
         words_in, words_out = in_features * lay.bits // 32, out_features * lay.bits // 32
         if words_in * 32 != in_features * lay.bits or words_out * 32 != out_features * lay.bits:
             raise ValueError(f"[{out_features}, {in_features}] does not pack into int32 words at {lay.bits} bits")
-        self.register_buffer("qweight", torch.zeros(words_in, out_features, dtype=torch.int32, device=device))
+        shape = (in_features, words_out) if lay.awq else (words_in, out_features)   # AWQ: packed along outputs
+        self.register_buffer("qweight", torch.zeros(*shape, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(groups, words_out, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         if lay.g_idx:
@@ -71,8 +73,12 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as [out, in] in ``dtype`` (computed in float32, in place where possible)."""
-        w = unpack(self.qweight.t(), self.bits, dim=1).to(torch.float32)      # [out, in]
-        zeros = (unpack(self.qzeros, self.bits, dim=1) + self.zero_offset).t().float()   # [out, G]
+        if self.layout.awq:
+            w = awq_unpack(self.qweight, self.bits).t().to(torch.float32)        # [out, in]
+            zeros = (awq_unpack(self.qzeros, self.bits) + self.zero_offset).t().float()   # [out, G]
+        else:
+            w = unpack(self.qweight.t(), self.bits, dim=1).to(torch.float32)      # [out, in]
+            zeros = (unpack(self.qzeros, self.bits, dim=1) + self.zero_offset).t().float()   # [out, G]
         scales = self.scales.t().float()
         groups = zeros.shape[1]
         plain = self.layout.group_index(self.in_features, device=w.device)

@@ -26,19 +26,15 @@ import torch
 from safetensors import safe_open
 
 from ..errors import BlockquantError, ModelFileError
+from ..model.model_io import SAFETENSORS_DTYPES
+from .integrity import HashingFile, check_file, file_matches
 
 GiB = 1024 ** 3
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}   # torch dtype -> safetensors name
 # safetensors writes larger dtypes first (every tensor stays aligned), in this order, then by name.
 _RANK = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
          "I8", "U8", "BOOL"]
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -53,6 +49,11 @@ def _order(items):
 def write_safetensors(path: str, entries: list[tuple[str, object]], metadata: dict | None = None) -> int:
     """Write ``entries`` [(name, tensor or lazy tensor)] in this order as a safetensors file,
     materialising one tensor at a time (``detach()`` loads a lazy one).  Returns the file size."""
+    return write_hashed(path, entries, metadata)[0]
+
+
+def write_hashed(path: str, entries: list[tuple[str, object]], metadata: dict | None = None) -> tuple[int, str]:
+    """``write_safetensors`` that also returns the sha256 of the bytes written."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, tensor in entries:
@@ -63,18 +64,22 @@ def write_safetensors(path: str, entries: list[tuple[str, object]], metadata: di
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path + ".writing"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, tensor in entries:
-            flat = tensor.detach().reshape(-1).contiguous().cpu()
-            if flat.numel():
-                f.write(flat.view(torch.uint8).numpy().data)
-            del flat
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with HashingFile(tmp) as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, tensor in entries:
+                flat = tensor.detach().reshape(-1).contiguous().cpu()
+                if flat.numel():
+                    f.write(flat.view(torch.uint8).numpy().data)
+                del flat
+            digest = f.close()
+    except BaseException:   # a full disk, an interrupt: no half-written file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
-    return 8 + len(raw) + offset
+    return 8 + len(raw) + offset, digest
 
 
 class _Lazy:
@@ -84,7 +89,7 @@ class _Lazy:
         self.path, self.name = path, name
         sl = handle.get_slice(name)
         self.shape = torch.Size(sl.get_shape())
-        self.dtype = _NAMES[sl.get_dtype()]
+        self.dtype = SAFETENSORS_DTYPES[sl.get_dtype()]
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -105,18 +110,15 @@ class ShardWriter:
             raise BlockquantError(f"max_shard_size must be positive (got {max_shard_size})")
         self.folder, self.prefix, self.max_shard_size = folder, prefix, int(max_shard_size)
         os.makedirs(folder, exist_ok=True)
-        # One entry per shard, the last one open: {"tensors": {name: nbytes}, "parts": [file, ...]}.
-        self.shards: list[dict] = [{"tensors": {}, "parts": []}]
-        self.merged: set[int] = set()    # shards whose file already exists (an interrupted finish)
+        # One entry per shard, the last one open: {"tensors": {name: nbytes}, "parts": [file, ...],
+        # "sums": [sha256 of each part], "sum": sha256 of the finished shard file (None until written)}.
+        self.shards: list[dict] = [_new_shard()]
         self.buffer: dict[str, torch.Tensor] = {}
         self.names: set[str] = set()
         self.finished = False
 
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)
-
-    def _shard_file(self, k: int) -> str:
-        return f"{self.prefix}.shard-{k + 1:05d}.tmp"
 
     def _part_file(self, k: int, p: int) -> str:
         return f"{self.prefix}.shard-{k + 1:05d}.part-{p + 1:04d}.tmp"
@@ -155,8 +157,9 @@ class ShardWriter:
         shard = self.shards[-1]
         name = self._part_file(len(self.shards) - 1, len(shard["parts"]))
         entries = _order(self.buffer.items())
-        write_safetensors(self._path(name), entries)
+        _, digest = write_hashed(self._path(name), entries)
         shard["parts"].append(name)
+        shard["sums"].append(digest)
         for n, t in entries:
             shard["tensors"][n] = _nbytes(t)
         self.names.update(self.buffer)
@@ -165,95 +168,108 @@ class ShardWriter:
     def _close_shard(self) -> None:
         self.flush()
         if self.shards[-1]["tensors"]:
-            self.shards.append({"tensors": {}, "parts": []})
+            self.shards.append(_new_shard())
 
     def state(self) -> dict:
-        """JSON-serialisable progress (flushes first): each shard's tensors (name: bytes) and part files."""
+        """JSON-serialisable progress (flushes first): each shard's tensors (name: bytes), part files and checksums."""
         self.flush()
         return {"version": STATE_VERSION, "prefix": self.prefix, "max_shard_size": self.max_shard_size,
-                "shards": [{"tensors": dict(s["tensors"]), "parts": list(s["parts"])} for s in self.shards]}
+                "shards": [_copy_shard(s) for s in self.shards]}
 
     @classmethod
     def resume(cls, folder: str, prefix: str, max_shard_size: int, state: dict) -> "ShardWriter":
-        """Continue from ``state``; files written after that state was taken are deleted."""
+        """Continue from ``state``: every file it records is checked against its checksum; files written
+        after that state was taken are deleted."""
         if state.get("version") != STATE_VERSION or state.get("prefix") != prefix \
                 or state.get("max_shard_size") != max_shard_size:
-            raise BlockquantError("the shard state was recorded with other settings; start the export afresh")
+            raise ModelFileError("the shard state was recorded by another version or with other settings; "
+                                 "pass --fresh to start over")
         writer = cls(folder, prefix, max_shard_size)
-        writer.shards = [{"tensors": dict(s["tensors"]), "parts": list(s["parts"])} for s in state["shards"]]
+        writer.shards = [_copy_shard(s) for s in state["shards"]]
+        names = writer._final_names()
         keep = set()
         for k, shard in enumerate(writer.shards):
             writer.names.update(shard["tensors"])
-            if all(os.path.isfile(writer._path(p)) for p in shard["parts"]):
-                keep.update(shard["parts"])
-            elif writer._merged_matches(k):
-                writer.merged.add(k)
-                keep.add(writer._shard_file(k))
-            else:
-                raise ModelFileError(
-                    f"{writer._path(shard['parts'][0])} and the shards after it are missing or changed since the "
-                    "run was interrupted; run again with --fresh"
-                )
+            if k < len(names) and file_matches(writer._path(names[k]), shard["sum"]):
+                keep.add(names[k])
+                continue
+            for part, sha in zip(shard["parts"], shard["sums"]):
+                check_file(writer._path(part), sha, DAMAGED)
+                keep.add(part)
         for stray in glob.glob(writer._path(f"{glob.escape(prefix)}.shard-*.tmp*")):
             if os.path.basename(stray) not in keep:
                 os.remove(stray)
         return writer
 
-    def _merged_matches(self, k: int) -> bool:
-        path = self._path(self._shard_file(k))
-        if not os.path.isfile(path):
-            return False
-        with safe_open(path, "pt") as f:
-            return set(f.keys()) == set(self.shards[k]["tensors"])
+    def _final_names(self) -> list[str]:
+        n = len([s for s in self.shards if s["tensors"]])
+        return [f"{self.prefix}.safetensors"] if n == 1 else \
+            [f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
-    def _merge(self, k: int) -> None:
-        """Stream shard ``k``'s parts into its shard file, then delete the parts."""
-        parts, path = self.shards[k]["parts"], self._path(self._shard_file(k))
-        if len(parts) == 1:
-            os.replace(self._path(parts[0]), path)   # a lone part is already the shard
+    def _write_shard(self, shard: dict, name: str, saved) -> None:
+        """Shard file ``name`` from its verified parts; its checksum is recorded (``saved``) before the
+        parts go, so an interruption anywhere leaves either the parts or the recorded shard."""
+        parts, path = shard["parts"], self._path(name)
+        for part, sha in zip(parts, shard["sums"]):
+            check_file(self._path(part), sha, DAMAGED)
+        if len(parts) == 1:   # a lone part is already the shard
+            shard["sum"] = shard["sums"][0]
+            saved(self.state())
+            os.replace(self._path(parts[0]), path)
             return
         pending = {}
         for part in parts:
             part_path = self._path(part)
             with safe_open(part_path, "pt") as handle:
-                for name in handle.keys():
-                    pending[name] = _Lazy(part_path, name, handle)
-        write_safetensors(path, _order(pending.items()))
+                for tensor in handle.keys():
+                    pending[tensor] = _Lazy(part_path, tensor, handle)
+        shard["sum"] = write_hashed(path, _order(pending.items()))[1]
+        saved(self.state())
         for part in parts:
             os.remove(self._path(part))
 
-    def finish(self) -> list[str]:
+    def finish(self, saved=lambda state: None) -> list[str]:
         """Write the shards under their final names and the index; returns the file names.
 
-        Final-named files of this prefix from an earlier export in the folder are removed."""
+        ``saved(state)`` is called whenever a shard is finished, to record progress: a finish
+        interrupted anywhere continues from the last recorded state.  Final-named files of this
+        prefix from an earlier export in the folder are removed."""
         if self.finished:
             raise BlockquantError("ShardWriter.finish() called twice")
         self._close_shard()
         self.finished = True
         shards = [s for s in self.shards if s["tensors"]]
-        for k in range(len(shards)):
-            if k not in self.merged:
-                self._merge(k)
-                self.merged.add(k)
+        names = self._final_names() if shards else []
+        index = self._path(f"{self.prefix}.safetensors.index.json")
         for old in glob.glob(self._path(f"{glob.escape(self.prefix)}-*-of-*.safetensors")) + [
-                self._path(f"{self.prefix}.safetensors"), self._path(f"{self.prefix}.safetensors.index.json")]:
-            if os.path.exists(old):
+                self._path(f"{self.prefix}.safetensors"), index]:
+            if os.path.exists(old) and os.path.basename(old) not in names:
                 os.remove(old)
-        n = len(shards)
-        if n == 0:
-            return []
-        names = [f"{self.prefix}.safetensors"] if n == 1 else \
-            [f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-        weight_map, total = {}, 0
-        for k, (shard, name) in enumerate(zip(shards, names)):
-            os.replace(self._path(self._shard_file(k)), self._path(name))
-            for tensor, size in shard["tensors"].items():
-                weight_map[tensor] = name
-                total += size
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            with open(self._path(f"{self.prefix}.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
+        for shard, name in zip(shards, names):
+            if file_matches(self._path(name), shard["sum"]):
+                for part in shard["parts"]:   # left over when a run stopped right after the shard was recorded
+                    if os.path.exists(self._path(part)):
+                        os.remove(self._path(part))
+                continue
+            self._write_shard(shard, name, saved)
+        if len(shards) > 1:
+            weight_map = {t: name for shard, name in zip(shards, names) for t in shard["tensors"]}
+            total = sum(size for shard in shards for size in shard["tensors"].values())
+            doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(index + ".writing", "w") as f:
+                json.dump(doc, f, indent=2, sort_keys=True)
                 f.write("\n")
-            names.append(f"{self.prefix}.safetensors.index.json")
+            os.replace(index + ".writing", index)
+            names = names + [os.path.basename(index)]
         return names
+
+
+DAMAGED = "the run's written parts cannot be trusted; pass --fresh to start over"
+
+
+def _new_shard() -> dict:
+    return {"tensors": {}, "parts": [], "sums": [], "sum": None}
+
+
+def _copy_shard(s: dict) -> dict:
+    return {"tensors": dict(s["tensors"]), "parts": list(s["parts"]), "sums": list(s["sums"]), "sum": s["sum"]}

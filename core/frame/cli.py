@@ -67,6 +67,14 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as two short lines (usage form, then the error), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"usage: quant [quantize|verify|adapters|hooks] [MODEL] [options]  (quant --help lists them)\n"
+                     f"error: {one_line(message)}\n")
+
+
 def _options_epilog() -> str:
     """The adapters' options, for ``quant quantize --help``."""
     lines = ["adapter options (--set KEY=VALUE):"]
@@ -78,7 +86,7 @@ def _options_epilog() -> str:
 
 
 def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quant", description="Block-by-block AutoRound weight quantization.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -102,11 +110,14 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
     q.add_argument("--cache_device", help="where the calibration cache lives: cpu or cuda[:N] (default: --device)")
     q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
-    q.add_argument("--format", default="auto_round", choices=("auto_round", "auto_gptq", "fake"),
-                   help="output format (fake: quantize in memory, write nothing)")
+    q.add_argument("--format", default="auto_round",
+                   help="output format(s), comma-separated, each written to OUT/FORMAT from one tuning pass: auto_round, "
+                        "auto_gptq, compressed-tensors, gguf:q4_0|q4_1|q8_0|q4_k, or fake (quantize in memory, write nothing)")
     q.add_argument("--output_dir", "-o", help="output folder (default: MODEL-w{bits}g{group}-{format} here)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")
+    q.add_argument("--allow_unquantized", action="store_true",
+                   help="write the model even when no layer can be quantized (default: that is an error)")
     q.add_argument("--max_shard_size", default="2GB", help="largest output shard (e.g. 500MB, 2GB)")
     v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)",
                        epilog=epilog, formatter_class=HelpFormatter)
@@ -138,7 +149,7 @@ def _settings_kwargs(args, given: set[str] | None = None) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
             "quant_vision", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
             "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
-            "output_dir", "overwrite", "fresh")
+            "output_dir", "overwrite", "fresh", "allow_unquantized")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):
         out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)

@@ -196,3 +196,21 @@ class ExampleModel:
                 processor.save_pretrained(folder)
 
         return cls(name=name, model=model, processor=processor, save=save)
+
+
+@dataclass
+class GgufLayout:
+    """How a model is written as a GGUF file.  Returned by ``gguf_layout``.
+
+    ``arch``: llama.cpp's architecture name (``general.architecture``, the prefix of the ``{arch}.*``
+    keys).  ``tensor_name(name)``: the GGUF name of a checkpoint tensor (``None``: not written).
+    ``metadata``: GGUF keys and values (int -> uint32, float -> float32, str, bool, list of str);
+    the engine adds the general.* keys and the tokenizer.  ``row_order(name)``: for a 2-D weight or
+    its bias whose output rows llama.cpp expects in another order, the source row of each GGUF row
+    (a LongTensor), else None; quantized rows move with their scales and zeros.
+    """
+
+    arch: str
+    tensor_name: Callable[[str], str | None]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    row_order: Callable[[str], Any] = lambda name: None

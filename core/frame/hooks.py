@@ -56,6 +56,9 @@ class AdapterHooks:
     def block_outputs(self, block, index, output, inputs, cached):
         return self._call("block_outputs", block=block, index=index, output=output, inputs=inputs, cached=cached)
 
+    def gguf_layout(self, model):
+        return self._call("gguf_layout", model=model)
+
     def traits(self, model) -> Traits:
         """``fixed_attrs`` of every implementation merged over ``Traits()``, the engine's defaults first."""
         traits = Traits()

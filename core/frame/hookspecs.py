@@ -24,6 +24,8 @@ Every hook after ``adapter_info`` may declare a ``ctx`` argument: the run's ``bl
 groups, device, and a typed ``stash`` for the adapter's own state).  Hooks that need nothing from it
 simply leave it out.
 
+``gguf_layout`` is called once, before the block loop, by runs that write ``--format gguf:TYPE``.
+
 Note for implementers (a pluggy rule): a hookimpl argument with a default value is never passed.
 Declare exactly the arguments you use, without defaults.
 """
@@ -248,4 +250,26 @@ def example_model():
         ``save(folder)`` that writes a hub-like folder the real loading code reads.
 
     firstresult: yes.  Since: 0.1.
+    """
+
+
+@hookspec(firstresult=True)
+def gguf_layout(model, ctx):
+    """Describe how the model is written as a GGUF file (llama.cpp), for ``--format gguf:TYPE``.
+
+    Which architecture name llama.cpp knows the model by, the GGUF name of every checkpoint
+    tensor, the ``{arch}.*`` hyper-parameters and any row reordering llama.cpp's own converter
+    applies (e.g. the rotary q/k permutation of its "llama" architecture) are model knowledge.
+
+    Args:
+        model: the loaded model (parameters may be on the meta device; read its config).
+        ctx: ``blockquant.RunContext``.
+
+    Returns:
+        ``blockquant.GgufLayout``, or None when the adapter cannot write this model as GGUF
+        (the run then stops before tuning with a message naming the adapter and model type).
+        Raise ``blockquant.UsageError`` for a model the family supports but GGUF export does not
+        (e.g. a rope scaling the converter would need extra tensors for).
+
+    firstresult: yes.  Since: 0.2.
     """

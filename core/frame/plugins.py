@@ -129,7 +129,9 @@ def discover() -> dict[str, AdapterEntry]:
             entry.missing = {m: how for m, how in entry.info.needs.items() if not _importable(m)}
         except AdapterError as e:
             entry.error = str(e)
-        except Exception as e:  # any import-time failure of a third-party package
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # any import-time failure of a third-party package, sys.exit() included
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             entry.error = f"failed to load {ep.value}: {last}"
         entries[name] = entry

@@ -39,6 +39,10 @@ class ModelSource:
                 raise ModelFileError(f"model folder {path} does not exist; pass a local folder or a hub name (org/name)")
         config = read_json(os.path.join(path, "config.json"))
         model_index = read_json(os.path.join(path, "model_index.json"))
+        for name, doc in (("config.json", config), ("model_index.json", model_index)):
+            if doc is not None and not isinstance(doc, dict):
+                raise ModelFileError(f"{os.path.join(path, name)} holds a JSON {type(doc).__name__}, not an object; "
+                                     "restore it from the original model")
         if config is None and model_index is None:
             raise ModelFileError(
                 f"{path} holds neither config.json nor model_index.json; pass the folder of a transformers model "
@@ -52,7 +56,9 @@ class ModelSource:
 
     @property
     def architectures(self) -> list[str]:
-        return list((self.config or {}).get("architectures") or [])
+        value = (self.config or {}).get("architectures") or []
+        values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        return [str(a) for a in values]
 
     @property
     def pipeline_class(self) -> str | None:
@@ -177,6 +183,14 @@ class WeightStore:
         entry = self._entries.get(name)
         return entry[3] - entry[2] if entry else 0
 
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first floating-point tensor (from the headers; fp32 when none)."""
+        for dtype_name, *_ in self._entries.values():
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return torch.float32
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory.
 
@@ -187,7 +201,7 @@ class WeightStore:
             raise ModelFileError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         file = self._files[name]
         dtype_name, shape, start, end = self._entries[name]
-        dtype = _DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
             raise ModelFileError(f"tensor {name} in {file} has dtype {dtype_name}, which blockquant cannot read")
         out = torch.empty(end - start, dtype=torch.uint8)
@@ -208,9 +222,13 @@ class WeightStore:
         """Nothing stays open between reads; kept so callers can release a store uniformly."""
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors dtype names (the one map: export/shards.py writes with its inverse)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
 
 
 def empty_model(model_class, config) -> torch.nn.Module:
@@ -218,7 +236,12 @@ def empty_model(model_class, config) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
+        if hasattr(model_class, "_from_config"):
+            model = model_class._from_config(config)
+        elif hasattr(model_class, "from_config"):   # the Auto classes
+            model = model_class.from_config(config)
+        else:
+            model = model_class(config)
     return model.eval()
 
 
@@ -243,6 +266,11 @@ def materialize(module: torch.nn.Module, prefix: str, store: WeightStore | None,
         if value.is_floating_point() and not all_finite(value):
             raise ModelFileError(f"tensor {full} in {store.folder} contains NaN or Inf values; the checkpoint is "
                                  "damaged - restore it from the original model")
+        if tensor.is_floating_point() and not value.is_floating_point():
+            raise ModelFileError(
+                f"tensor {full} is {value.dtype} in the checkpoint but the model expects a floating-point weight; "
+                "the checkpoint is damaged or belongs to another model - restore it from the original model"
+            )
         if tuple(value.shape) != tuple(tensor.shape):
             raise ModelFileError(
                 f"tensor {full} has shape {tuple(value.shape)} in the checkpoint but the model expects "
@@ -306,15 +334,20 @@ def transformers_renamer(model: torch.nn.Module):
 
 
 def model_class_for(source: ModelSource):
+    """The transformers model class config.json's ``architectures`` names (AutoModelForCausalLM when none)."""
     import transformers
 
-    for arch in source.architectures:
+    archs = source.architectures
+    for arch in archs:
         cls = getattr(transformers, arch, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
+    if archs:
+        raise ModelFileError(
+            f"{source.path}/config.json names the architecture {', '.join(archs)}, which is not a model class of "
+            f"transformers {transformers.__version__}; fix 'architectures' or install a transformers that has it"
+        )
+    return transformers.AutoModelForCausalLM
 
 
 def load_transformers_model(source: ModelSource, settings=None) -> LoadedModel:
@@ -331,6 +364,10 @@ def load_transformers_model(source: ModelSource, settings=None) -> LoadedModel:
             f"transformers cannot read {source.path}/config.json ({first}); the model type may need a newer transformers"
         ) from e
     cls = model_class_for(source)
+    expects = getattr(cls, "config_class", None)
+    if isinstance(expects, type) and not isinstance(config, expects):
+        raise ModelFileError(f"{source.path}/config.json: architecture {cls.__name__} expects a {expects.__name__}, but "
+                             f"model_type '{source.model_type}' gives a {type(config).__name__}; fix 'architectures'")
     model = empty_model(cls, config)
     store = WeightStore(source.path, "model", key_map=transformers_renamer(model))
     return LoadedModel(model=model, processor=load_processor(source.path), source=source, weights=store)

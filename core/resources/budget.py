@@ -34,7 +34,7 @@ def predicted_output_bytes(run) -> int:
 
 def check_disk(run, output_dir: str, partial: str) -> None:
     """Refuse to start when the output's file system cannot hold the predicted checkpoint."""
-    need = predicted_output_bytes(run) + 4 * 2 ** 20   # + configs, tokenizer, progress files
+    need = predicted_output_bytes(run) * len(run.settings.formats) + 4 * 2 ** 20   # + configs, tokenizer, progress files
     written = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(partial) for f in files)
     where = os.path.dirname(output_dir.rstrip("/")) or "."
     while not os.path.isdir(where):

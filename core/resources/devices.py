@@ -20,11 +20,11 @@ def select_device(spec: str | None) -> torch.device:
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ResourceError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
         index = 0 if spec == "cuda" else _index(spec)
         count = torch.cuda.device_count()
         if index >= count:
-            raise ResourceError(f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise UsageError(f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
         return torch.device(f"cuda:{index}")
     raise UsageError(f"--device {spec} is not a device; use auto, cpu, cuda or cuda:N")
 

@@ -6,12 +6,14 @@ import time
 
 import torch
 
+from .. import faults
 from ..data.calibration_data import CalibrationSource
 from ..errors import DataError
 from ..resources import devices
 from ..resources.memory import human_bytes
 from .capture import Calibration, capture, detect, stream_keys_from_output
 from .context import Run
+from .fingerprint import content_hash
 from .report import sample_count_note
 from .store import GroupStore
 
@@ -28,10 +30,16 @@ def capture_inputs(run: Run) -> None:
     if not batches:
         raise DataError("the calibration data produced no batches; pass --dataset with text (a .txt/.jsonl/.parquet file)")
     run.batches = batches
+    if run.resume:   # a resumed run must calibrate on the same data as the interrupted one
+        run.resume.check_calibration(content_hash(batches))
     calibration = Calibration(batches=batches, settings=s, loaded=run.loaded)
     run.hooks.pre_cache(model=run.model, calibration=calibration)
     all_blocks = [b for chain in run.groups for b in chain]
-    forward = lambda batch: run_batch(run, batch)  # noqa: E731
+
+    def forward(batch) -> None:
+        calibration.batch = batch
+        run_batch(run, batch)
+
     try:
         with run.loader.during_forward(all_blocks), torch.no_grad():
             detection = detect(run.groups, lambda: forward(batches[0]), stream_keys_from_output(run.hooks.block_outputs),
@@ -58,6 +66,7 @@ def capture_inputs(run: Run) -> None:
 
 def run_batch(run: Run, batch) -> None:
     """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
+    faults.point("calibration_forward")
     try:
         run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
     except torch.cuda.OutOfMemoryError:

@@ -33,6 +33,7 @@ class Calibration:
     batches: list
     settings: Any = None
     loaded: Any = None
+    batch: Any = None               # the calibration batch whose forward is running now
     _pending: dict = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 

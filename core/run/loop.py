@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..algorithm.tuning import tune_block
-from ..export.formats import layer_tensors
 from ..resources import devices
 from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
@@ -18,7 +17,7 @@ from ..model.model_io import all_finite
 from .replay import Replayer, stream_loss
 from .report import BlockRecord, TuningProgress
 from .resume import restore_result
-from .store import to_device
+from .store import GroupState, to_device
 from ..model.streaming import free_memory
 
 log = logging.getLogger("blockquant")
@@ -30,24 +29,6 @@ class LoopResult:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     tuning_seconds: float = 0.0
-
-
-def block_tensors(block: Block, dtypes: dict[str, torch.dtype], quantized: dict, fmt: str) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of a finished block: packed layers + everything else in its source dtype."""
-    out: dict[str, torch.Tensor] = {}
-    skip = set()
-    prefix = block.ref.name
-    for name, qw in quantized.items():
-        local = name[len(prefix) + 1:]
-        layer = block.module.get_submodule(local)
-        bias = layer.bias.detach().cpu() if layer.bias is not None else None
-        out.update(layer_tensors(name, qw, bias, fmt))
-        skip.update({f"{local}.weight", f"{local}.bias"})
-    for local, tensor in block.module.state_dict().items():
-        if local in skip:
-            continue
-        out[f"{prefix}.{local}"] = tensor.detach().to("cpu", dtypes.get(local, tensor.dtype)).contiguous()
-    return out
 
 
 class BlockLoop:
@@ -66,13 +47,10 @@ class BlockLoop:
             # no stores: RTN straight from the weights (settings.weights_only), nothing to replay
             store = ctx.stores[g] if ctx.stores else None
             replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size) if store is not None else None
-            n = len(store) if store is not None else 0
-            state = ctx.resume.restore_group(g, n) if ctx.resume else None
+            state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
-                streams = [dict(s) for s in store.streams] if store is not None else []
-                state = {"position": 0, "fp": streams, "quant": streams,
-                         "fp_states": [{} for _ in range(n)], "quant_states": [{} for _ in range(n)]}
-            for block in chain[state["position"]:]:
+                state = GroupState.start(store) if store is not None else GroupState(0, [], [], [], [])
+            for block in chain[state.position:]:
                 try:
                     self._one_block(block, replayer, state)
                 except torch.cuda.OutOfMemoryError:
@@ -83,13 +61,13 @@ class BlockLoop:
                     if replayer is not None:
                         replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
                     self._one_block(block, replayer, state)
-                state["position"] = block.ref.position + 1
+                state.position = block.ref.position + 1
                 if ctx.resume:
                     ctx.resume.block_done(block, g, state, ctx.writer, self.result)
                 ctx.check_interrupt()
         return self.result
 
-    def _one_block(self, block: Block, replayer: Replayer | None, state: dict) -> None:
+    def _one_block(self, block: Block, replayer: Replayer | None, state: GroupState) -> None:
         ctx, s = self.ctx, self.s
         start = time.time()
         ctx.loader.load(block)
@@ -102,19 +80,19 @@ class BlockLoop:
         tune = s.iters > 0 and bool(choice.quantize) and replayer is not None
         batch = s.batch_size
         with torch.no_grad():
-            targets = replayer.run(block, state["fp"], state["fp_states"], "fp", batch=batch) if tune else None
+            targets = replayer.run(block, state.fp, state.fp_states, "fp", batch=batch) if tune else None
         record = BlockRecord(block.ref.name, layers=len(choice.quantize))
         quantized = {}
         if choice.quantize:
             def loss_fn(indices):
                 ctx.check_interrupt(abandon=True)
-                outs = replayer.run(block, state["quant"], state["quant_states"], "quant", indices, batch=len(indices))
+                outs = replayer.run(block, state.quant, state.quant_states, "quant", indices, batch=len(indices))
                 return stream_loss(outs, [targets[i] for i in indices])
 
             t0 = time.time()
             with ctx.autocast():
                 result = tune_block(
-                    choice.quantize, s.scheme, loss_fn, max(len(state["quant"]), 1), iters=s.iters, lr=s.effective_lr,
+                    choice.quantize, s.scheme, loss_fn, max(len(state.quant), 1), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
                     progress=TuningProgress(block.ref.name, s.iters, log),
@@ -126,9 +104,8 @@ class BlockLoop:
             self.result.quantized.extend(choice.quantize)
         if replayer is not None:
             self._advance(block, replayer, state, targets)
-        if ctx.writer is not None:
-            ctx.writer.add(block_tensors(block, dtypes, quantized, s.format if s.format != "fake" else "auto_round"))
-            ctx.writer.flush()
+        if ctx.writer is not None:   # the run's outputs (export.outputs.Outputs)
+            ctx.writer.add_block(block, dtypes, quantized)
         if dispatched:
             devices.unplace_block(block.module, ctx.hooks, ctx.model)
         if ctx.keep_blocks:
@@ -140,22 +117,22 @@ class BlockLoop:
         self.result.blocks.append(record)
         ctx.progress.block_done(block.ref.name, **_progress_info(record))
 
-    def _advance(self, block: Block, replayer: Replayer, state: dict, targets) -> None:
+    def _advance(self, block: Block, replayer: Replayer, state: GroupState, targets) -> None:
         """The quantized block's outputs become the next block's inputs (both streams)."""
         ctx = self.ctx
         with torch.no_grad():
-            outputs = replayer.run(block, state["quant"], state["quant_states"], "quant", batch=self.s.batch_size)
+            outputs = replayer.run(block, state.quant, state.quant_states, "quant", batch=self.s.batch_size)
         if not all(_finite(o) for o in outputs):
             raise BlockquantError(
                 f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
                 f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
         cache = ctx.cache_device
-        state["quant"] = [to_device(o, cache) for o in outputs]
+        state.quant = [to_device(o, cache) for o in outputs]
         if targets is not None:
-            state["fp"] = [to_device(t, cache) for t in targets]
+            state.fp = [to_device(t, cache) for t in targets]
         else:   # nothing tuned here: the fp stream continues from the quantized one, state included
-            state["fp"] = state["quant"]
-            state["fp_states"] = [dict(s) for s in state["quant_states"]]
+            state.fp = state.quant
+            state.fp_states = [dict(s) for s in state.quant_states]
 
 
 def _finite(value) -> bool:

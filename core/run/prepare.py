@@ -19,7 +19,8 @@ from ..model.blocks import resolve_groups
 from ..model.published import publish_like
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from ..model.streaming import BlockLoader
-from ..resources import devices
+from ..resources import components, devices
+from .checks import check_seqlen
 from .context import Run
 
 log = logging.getLogger("blockquant")
@@ -48,15 +49,20 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         old = run.loaded.weights
         run.loaded.weights = WeightStore(old.folder, old.prefix, run.traits.checkpoint_renames, old.key_map)
     if settings.format != "fake":
-        check_format(settings.format, settings.scheme)
+        for fmt in settings.formats:
+            check_format(fmt, settings.scheme)
     run.hooks.patch_model(model=run.model)
     run.ctx.groups = resolve_groups(run.model, run.traits, settings.to_quant_block_names, settings.include_groups)
+    check_seqlen(run.model, settings.seqlen)
     run.device = devices.select_device(settings.device)
     run.cache_device = devices.select_device(settings.cache_device) if settings.cache_device else run.device
     run.model_dtype = _model_dtype(run.model)
     run.compute_dtype = run.model_dtype if run.device.type == "cuda" else torch.float32
     store = run.loaded.weights
     block_prefixes = [b.ref.name for chain in run.groups for b in chain]
+    if run.loaded.pipeline is not None:
+        components.place_components(run.loaded.pipeline, run.model, [b.module for chain in run.groups for b in chain],
+                                    run.device, settings.device_map)
     if store is not None:
         _materialize_outside(run.model, store, block_prefixes, run.device)
     tie_if_needed(run.model)

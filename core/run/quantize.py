@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RunSettings
-from ..errors import Interrupted, ResourceError
+from ..errors import Interrupted, ResourceError, UsageError
 from ..export import checkpoint
-from ..export.formats import quantization_config
-from ..export.shards import ShardWriter
+from ..export.outputs import Outputs
 from ..frame.options import options_dict
 from ..model.model_io import release
 from ..resources.budget import check_disk, check_memory
@@ -24,10 +23,13 @@ from .context import Abandon, Run, signals_caught
 from .loop import BlockLoop
 from .prepare import prepare
 from .report import Progress, RunReport, format_duration
+from .checks import check_something_quantized
+from .fingerprint import model_signature
+from .lock import OutputLock
+from .publish import complete_publish, finish, published
 from .resume import Resume
 
 log = logging.getLogger("blockquant")
-AUTOROUND_LAYOUT_VERSION = "0.16.1"   # the auto-round release whose layout the auto_round format matches
 
 
 @dataclass
@@ -46,7 +48,8 @@ def default_output_dir(run: Run) -> str:
     s = run.settings.scheme
     base = os.path.basename(os.path.normpath(run.source.path))
     base = re.sub(r"^blockquant-\w+-example-\w+$", run.entry.name, base)
-    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{run.settings.format}")
+    fmt = run.settings.format.replace(":", "-").replace(",", "+")
+    return os.path.abspath(f"{base}-w{s.bits}g{s.group_size}-{fmt}")
 
 
 def run_quantization(model: str | None, adapter: str | None, settings: RunSettings) -> QuantizeResult:
@@ -65,31 +68,41 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
     s = run.settings
     export = s.format != "fake"
     output_dir = os.path.abspath(s.output_dir) if s.output_dir else (default_output_dir(run) if export else None)
-    traits = run.traits
-    total_blocks = sum(len(chain) for chain in run.groups)
-    if export:
+    check_something_quantized(run)
+    if not export:
+        return _run(run, start, None)
+    checkpoint.check_not_inputs(output_dir, _inputs(run))
+    checkpoint.check_output(output_dir, overwrite=True)   # a folder path in a writable place (for the lock)
+    with OutputLock.acquire(output_dir):
+        run.resume = Resume.open(output_dir.rstrip("/") + ".partial", identity(run), s.fresh)
+        if published(run, output_dir):
+            log.info("the interrupted run had already published %s", output_dir)
+            run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
+            return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
         checkpoint.check_output(output_dir, s.overwrite)
-        partial = output_dir.rstrip("/") + ".partial"
-        identity = dict(s.fingerprint(), model=os.path.abspath(run.source.path), adapter=run.entry.name)
-        identity.update({f"option {k}": v for k, v in options_dict(run.ctx.options).items()})
-        run.resume = Resume.open(partial, identity, s.fresh)
-        weights_dir = os.path.join(partial, traits.weights_subfolder)
-        if run.resume.writer_state:
-            run.writer = ShardWriter.resume(weights_dir, traits.weights_name, s.max_shard_size, run.resume.writer_state)
-        else:
-            run.writer = ShardWriter(weights_dir, traits.weights_name, s.max_shard_size)
-        check_disk(run, output_dir, partial)
+        check_disk(run, output_dir, run.resume.partial)
+        try:
+            run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
+        except UsageError:   # a format this model cannot be written in: leave nothing behind
+            if not run.resume.saved:
+                run.resume.remove()
+            raise
+        return _run(run, start, output_dir)
+
+
+def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
+    s = run.settings
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
-    run.progress = Progress(total_blocks, log, done=done)
+    run.progress = Progress(sum(len(chain) for chain in run.groups), log, done=done)
     if s.weights_only:
         run.stores = []     # the block loop quantizes each block's weights as they stream in
         log.info("quantizing %d block(s) in %d group(s): %s, RTN straight from the checkpoint (no calibration data, "
-                 "no replay)", total_blocks, len(run.groups), _scheme_label(s))
+                 "no replay)", run.progress.total, len(run.groups), _scheme_label(s))
     else:
         capture_inputs(run)
-        log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", total_blocks, len(run.groups),
-                 _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
+        log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", run.progress.total,
+                 len(run.groups), _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     if run.loaded.weights is not None and not run.keep_blocks:
         release_embeddings(run.model)
     try:
@@ -102,10 +115,26 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         raise ResourceError(f"writing the output failed ({e.strerror or e}); free disk space and re-run the same "
                             "command to resume") from e
     report = _report(run, loop, output_dir, start)
-    if export:
-        _finish(run, loop, partial, output_dir, report)
+    if output_dir:
+        finish(run, loop, output_dir, report)
     log.info("\n%s", report.render())
     return QuantizeResult(output_dir, report, run)
+
+
+def identity(run: Run) -> dict:
+    """What a resumed run must share with the interrupted one (the calibration data is checked after it is
+    built, see ``Resume.check_calibration``)."""
+    s = run.settings
+    model = f"{run.entry.name} example model" if run.tmpdir is not None else os.path.abspath(run.source.path)
+    ident = dict(s.fingerprint(), model=model, model_files=model_signature(run.source.path), adapter=run.entry.name)
+    ident.update({f"option {k}": v for k, v in options_dict(run.ctx.options).items()})
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))   # as it reads back from progress.json
+
+
+def _inputs(run: Run) -> list[str]:
+    """The folders and files this run reads, which the output must never touch."""
+    s = run.settings
+    return [run.source.path] + [p for p in (s.dataset, s.images) if p and os.path.exists(p)]
 
 
 def release_embeddings(model) -> None:
@@ -130,29 +159,6 @@ def release_embeddings(model) -> None:
 def _scheme_label(s: RunSettings) -> str:
     q = s.scheme
     return f"W{q.bits}A16 g{q.group_size} {'sym' if q.sym else 'asym'}"
-
-
-def _finish(run: Run, loop, partial: str, output_dir: str, report: RunReport) -> None:
-    s, traits = run.settings, run.traits
-    block_prefixes = [b.ref.name for chain in run.groups for b in chain]
-    try:
-        run.writer.add(checkpoint.outside_tensors(run.model, block_prefixes, run.loaded.weights))
-        run.writer.finish()
-        component = os.path.join(run.source.path, traits.weights_subfolder)
-        block_names = list(dict.fromkeys(b.ref.path for chain in run.groups for b in chain))   # what was quantized
-        if traits.export_block_names and not s.to_quant_block_names:
-            block_names = list(traits.export_block_names)
-        extra = {name: {"bits": 16, "data_type": "float"} for name in loop.kept}
-        qconfig = quantization_config(s.format, s.scheme, iters=s.iters, block_names=block_names,
-                                      extra_config=extra, version=AUTOROUND_LAYOUT_VERSION)
-        checkpoint.copy_source_files(run.source.path, partial, traits.weights_subfolder, traits.weights_name)
-        checkpoint.write_configs(os.path.join(component, "config.json"), os.path.join(partial, traits.weights_subfolder), qconfig)
-        run.resume.clear()
-        with open(os.path.join(partial, "blockquant_report.json"), "w") as f:
-            json.dump(report.to_json(), f, indent=1, default=str)
-        checkpoint.publish(partial, output_dir)
-    except OSError as e:
-        raise ResourceError(f"writing the output failed ({e.strerror or e}); free disk space and re-run to resume") from e
 
 
 def _report(run: Run, loop, output_dir: str | None, start: float) -> RunReport:

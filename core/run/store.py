@@ -37,6 +37,28 @@ def same_value(a: Any, b: Any) -> bool:
     return False
 
 
+@dataclass
+class GroupState:
+    """Where the block loop stands in one group: the next chain position, and per sample the two replay
+    streams (fp targets and the quantized chain) with each stream's adapter state (``cached.state``)."""
+
+    position: int
+    fp: list[dict]
+    quant: list[dict]
+    fp_states: list[dict]
+    quant_states: list[dict]
+
+    @classmethod
+    def start(cls, store: "GroupStore") -> "GroupState":
+        streams = [dict(s) for s in store.streams]
+        n = len(streams)
+        return cls(0, streams, streams, [{} for _ in range(n)], [{} for _ in range(n)])
+
+    def streams(self) -> dict:
+        """What resume saves (everything but the position)."""
+        return {"fp": self.fp, "quant": self.quant, "fp_states": self.fp_states, "quant_states": self.quant_states}
+
+
 def to_device(value: Any, device) -> Any:
     """Detach and move; a view into a larger tensor is copied so the store never keeps its base alive."""
     if isinstance(value, torch.Tensor):
