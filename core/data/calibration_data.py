@@ -231,7 +231,7 @@ def _separator_ids(tokenizer) -> list[int]:
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer itself puts around every text: (before, after), e.g.
-    ([bos], []) for Llama/Gemma-style decoders, ([cls], [sep]) for BERT-style encoders, ([], [])
+    ([bos], []) for decoders that prepend bos, ([cls], [sep]) for BERT-style encoders, ([], [])
     for tokenizers that add none.  Read from how it encodes a one-word text."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]

@@ -27,7 +27,7 @@ class AdapterInfo:
     # validated at startup, part of the resume identity, reaching hooks as ``ctx.options``.
     options: type | None = None
     # Optional modules the adapter imports only when it runs: importable module -> what installs it
-    # (e.g. {"diffusers": "blockquant[flux]"}).  Missing ones make the adapter "needs: ..." instead of broken.
+    # (e.g. {"diffusers": "blockquant[EXTRA]"}).  Missing ones make the adapter "needs: ..." instead of broken.
     needs: dict[str, str] = field(default_factory=dict)
 
 

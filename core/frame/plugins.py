@@ -48,7 +48,7 @@ class AdapterEntry:
 
     @property
     def needs_line(self) -> str:
-        """``diffusers (pip install 'blockquant[flux]')``: what is missing and the command that adds it."""
+        """``diffusers (pip install 'blockquant[EXTRA]')``: what is missing and the command that adds it."""
         installs = " ".join(f"'{v}'" for v in dict.fromkeys(self.missing.values()))
         return f"{', '.join(self.missing)} (pip install {installs})" if self.missing else ""
 
