@@ -56,6 +56,10 @@ def one(folder: str, iters: int, args) -> dict:
     from blockquant import api
     from blockquant.resources.memory import peak_rss_bytes
 
+    if args.special == "off":   # calibration samples without the tokenizer's bos
+        from blockquant.data import calibration_data
+
+        calibration_data.special_frame = lambda tokenizer: ([], [])
     torch.manual_seed(0)
     start = time.time()
     result = api.quantize(folder, adapter="generic", iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -85,6 +89,8 @@ def main():
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--disable_amp", action="store_true", help="tune in fp32 (no bf16 autocast)")
+    ap.add_argument("--special", choices=("on", "off"), default="on",
+                    help="calibration samples framed by the tokenizer's special tokens (bos here) or not")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -109,7 +115,7 @@ def main():
 
 def _pass(args) -> list[str]:
     return ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
-            "--bits", str(args.bits), "--group_size", str(args.group_size), "--device", args.device] + (["--disable_amp"] if args.disable_amp else [])
+            "--bits", str(args.bits), "--group_size", str(args.group_size), "--device", args.device, "--special", args.special] + (["--disable_amp"] if args.disable_amp else [])
 
 
 if __name__ == "__main__":

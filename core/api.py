@@ -16,7 +16,10 @@ __all__ = ["quantize", "verify", "make_settings", "prepare", "capture_inputs", "
 def make_settings(**kwargs) -> RunSettings:
     """RunSettings from keyword arguments: scheme/bits/group_size/sym folded into a QuantScheme,
     ``quant_vision=True`` as ``include_groups=("vision",)``, and every name that is not a setting taken as
-    an adapter option (checked against the adapter's options once the adapter is known)."""
+    an adapter option (checked against the adapter's options once the adapter is known).  ``explicit``:
+    the names the caller chose (default: every keyword given); example runs fill in the others."""
+    explicit = kwargs.pop("explicit", None)
+    explicit = tuple(sorted(kwargs if explicit is None else explicit))
     scheme = kwargs.pop("scheme", None)
     if not isinstance(scheme, QuantScheme):
         scheme = QuantScheme.from_args(scheme, kwargs.pop("bits", None), kwargs.pop("group_size", None), kwargs.pop("sym", None))
@@ -27,7 +30,7 @@ def make_settings(**kwargs) -> RunSettings:
     known = RunSettings.__dataclass_fields__
     options = dict(kwargs.pop("options", None) or {})
     options.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
-    return RunSettings(scheme=scheme, options=options, **kwargs)
+    return RunSettings(scheme=scheme, options=options, explicit=tuple(sorted(set(explicit) | set(options))), **kwargs)
 
 
 def quantize(model: str | None = None, adapter: str | None = None, **kwargs):

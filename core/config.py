@@ -34,6 +34,11 @@ def parse_formats(text: str) -> list[str]:
     return items
 
 
+# A run on an adapter's tiny example model (no MODEL given) is a demo: example-sized calibration and
+# tuning, for the settings the user does not pass.  ExampleModel.settings can change them per adapter.
+EXAMPLE_SETTINGS = dict(nsamples=16, seqlen=128, iters=50)
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """Integer weight quantization: ``bits`` per weight, one scale (and zero) per ``group_size``
@@ -113,6 +118,25 @@ class RunSettings:
     keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
     options: dict = field(default_factory=dict)   # the adapter's options, raw (validated against AdapterInfo.options)
+    explicit: tuple[str, ...] = ()    # the settings (and options) the caller chose; the others are defaults
+
+    def apply_defaults(self, values: dict) -> dict:
+        """Set ``values`` (settings, or adapter options) that the caller did not choose; returns those that
+        changed."""
+        fields = self.__dataclass_fields__
+        changed = {}
+        for key, value in values.items():
+            if key in self.explicit:
+                continue
+            current = getattr(self, key) if key in fields else self.options.get(key)
+            if current != value:
+                changed[key] = value
+                if key in fields:
+                    setattr(self, key, value)
+                else:
+                    self.options[key] = value
+        self.__post_init__()
+        return changed
 
     def __post_init__(self):
         self.include_groups = tuple(self.include_groups)
@@ -132,6 +156,12 @@ class RunSettings:
     def formats(self) -> list[str]:
         """The output formats (``format`` split at commas)."""
         return self.format.split(",")
+
+    @property
+    def weights_only(self) -> bool:
+        """RTN (--iters 0) with nothing that asks for data: quantize straight from the streamed weights,
+        without calibration, capture or replay (round-to-nearest does not look at activations)."""
+        return self.iters == 0 and not (self.dataset or self.images)
 
     @property
     def effective_lr(self) -> float:

@@ -3,7 +3,10 @@ import os
 
 import pytest
 
+from fixture_adapters import register
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+register()   # tests/packages/* for this run only: never installed into the environment
 
 
 @pytest.fixture(autouse=True, scope="session")

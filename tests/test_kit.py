@@ -1,6 +1,6 @@
 """The adapter test kit catches wrong adapters, and the diagnostics name what is wrong.
 
-Uses the deliberately wrong adapters of tests/packages/wrong_adapter (installed by scripts/test)
+Uses the deliberately wrong adapters of tests/packages/wrong_adapter (registered for the test run by tests/conftest.py)
 and small adapter modules registered here.
 """
 import inspect

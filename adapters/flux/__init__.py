@@ -46,6 +46,7 @@ def adapter_info():
         description="FLUX diffusion transformers (diffusers FluxPipeline): double- then single-stream blocks",
         architectures=("FluxTransformer2DModel",), pipelines=(PIPELINE_CLASS,),
         requires={"diffusers": ">=0.35,<1"}, options=Options,
+        needs={"diffusers": "blockquant[flux]", "PIL": "blockquant[flux]"},
     )
 
 
@@ -113,4 +114,5 @@ def example_model():
 
     pipe = build_pipeline()
     return ExampleModel(name="flux-tiny", model=pipe.transformer, processor=pipe.tokenizer_2, pipeline=pipe,
-                        save=lambda folder: save_pipeline(pipe, os.fspath(folder)))
+                        save=lambda folder: save_pipeline(pipe, os.fspath(folder)),
+                        settings={"nsamples": 4, "num_inference_steps": 2})   # 4 prompts x 2 steps = 8 samples

@@ -14,7 +14,7 @@ from blockquant.resources.by_reference import pass_by_reference
 from . import model as _model
 from . import replay as _replay
 from . import versions as _versions
-from .example import example_multimodal, example_text
+from .example import example_default, example_multimodal, example_text
 
 __all__ = ["example_text", "example_multimodal"]
 
@@ -77,7 +77,7 @@ def block_outputs(block, index, output, inputs, cached):
 
 @hookimpl
 def example_model():
-    return example_text()
+    return example_default()
 
 
 @hookimpl

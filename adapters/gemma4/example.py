@@ -70,6 +70,17 @@ def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overri
     return ExampleModel.of(name, model, tok)
 
 
+# Widths of the example a no-model run quantizes: every linear layer's input a multiple of 128, so the
+# default scheme (W4A16, group size 128) quantizes all of them.
+DEFAULT_SIZES = dict(hidden_size=128, intermediate_size=256, head_dim=64, global_head_dim=128,
+                     hidden_size_per_layer_input=128)
+
+
+def example_default(seed: int = SEED) -> ExampleModel:
+    """The example ``quant --adapter gemma4`` quantizes: ``example_text()`` at the widths above."""
+    return example_text(seed=seed, **DEFAULT_SIZES)
+
+
 def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None, **overrides):
     """Tiny ``Gemma4Config``: the text config above plus a 2-block vision tower (hidden 32)."""
     from transformers import Gemma4Config, Gemma4VisionConfig

@@ -55,4 +55,4 @@ def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: 
 
 @hookimpl
 def example_model():
-    return build_example("llama")
+    return build_example("llama", hidden=128)   # widths of 128: the default group size quantizes every layer

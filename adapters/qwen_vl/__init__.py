@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from blockquant import AdapterInfo, hookimpl
 
 from . import replay as _replay
-from .example import example_qwen3, example_qwen25
+from .example import example_default, example_qwen3, example_qwen25
 
 TEXT_BLOCKS = "model.language_model.layers"
 VISION_BLOCKS = "model.visual.blocks"
@@ -45,6 +45,7 @@ def adapter_info():
         architectures=("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"),
         requires={"transformers": ">=5.5.4,<6"},
         options=Options,
+        needs={"PIL": "blockquant[vision]"},
     )
 
 
@@ -78,4 +79,4 @@ def block_outputs(block, index, output, inputs, cached, ctx):
 
 @hookimpl
 def example_model():
-    return example_qwen25()
+    return example_default()

@@ -57,21 +57,25 @@ def _token_ids(tokenizer) -> dict:
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
 
 
-def _text_config(tokenizer, mrope_section) -> dict:
-    return dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+def _text_config(tokenizer, mrope_section, width: int = 64) -> dict:
+    """Text width 64 (tests) or 128 (``example_default``: the default group size quantizes every text layer)."""
+    scale = width // 64
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=96 * scale if scale == 1 else 2 * width,
+                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32 * scale,
+                max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [n * scale for n in mrope_section]},
                 bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
 
 
-def qwen25_config(tokenizer):
+def qwen25_config(tokenizer, width: int = 64):
     """Qwen2.5-VL: 4 text layers, 4 vision blocks (1 and 3 full attention, 0 and 2 windowed)."""
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1, 3])
-    return Qwen2_5_VLConfig(text_config=_text_config(tokenizer, [4, 6, 6]), vision_config=vision,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=width, fullatt_block_indexes=[1, 3])
+    return Qwen2_5_VLConfig(text_config=_text_config(tokenizer, [4, 6, 6], width), vision_config=vision,
                             **_token_ids(tokenizer))
 
 
@@ -119,6 +123,12 @@ def _example(name: str, model_class_name: str, config_fn, patch_size: int, seed:
 def example_qwen25(seed: int = 0) -> ExampleModel:
     """A tiny Qwen2_5_VLForConditionalGeneration (0.27M parameters) and its processor."""
     return _example("tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", qwen25_config, 14, seed)
+
+
+def example_default(seed: int = 0) -> ExampleModel:
+    """The example ``quant --adapter qwen_vl`` quantizes: the tiny Qwen2.5-VL with text width 128."""
+    return _example("tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration",
+                    lambda tok: qwen25_config(tok, width=128), 14, seed)
 
 
 def example_qwen3(seed: int = 0) -> ExampleModel:

@@ -62,6 +62,7 @@ def tune_block(
     seed: int,
     log=None,
     reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
@@ -71,6 +72,7 @@ def tune_block(
     back to RTN.  ``log``: a logging.Logger or a callable taking one line (None: silent).
     ``reduce_grads(params)``: called before each step to combine the parameters' gradients in place
     (data-parallel runs: the sum over ranks); the steps then follow the backward, not its hooks.
+    ``progress(iterations_done, loss)`` is called after every iteration (e.g. a rate-limited log line).
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -85,7 +87,7 @@ def tune_block(
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
         run.reduce_grads = reduce_grads
-        first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log)
+        first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log, progress)
     except BaseException:
         for st in states.values():       # leave the layers as they were
             st.finish(None)
@@ -141,7 +143,7 @@ class _Run:
         out, self._perm = self._perm[:self.batch], self._perm[self.batch:]
         return out
 
-    def tune(self, iters, lr, minmax_lr, log):
+    def tune(self, iters, lr, minmax_lr, log, progress=None):
         """Returns (first_loss, best_loss, best_iter, iters_run, fell_back_to_rtn)."""
         vs = [st.v for st in self.states]
         scales = [p for st in self.states for p in (st.min_scale, st.max_scale) if p.requires_grad]
@@ -170,6 +172,8 @@ class _Run:
                     if it == 0:
                         first = loss
                         self._fit_threads()
+                    if progress is not None:
+                        progress(it + 1, loss)
                     if not hooked:
                         if self.reduce_grads is not None and self.factor is not None:
                             self.reduce_grads(vs + scales)

@@ -229,13 +229,16 @@ def _separator_ids(tokenizer) -> list[int]:
     return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
 
 
-def _leading_bos(tokenizer) -> list[int]:
-    """[bos] when the tokenizer itself starts every text with bos (so the model expects it), else []."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return [bos] if ids and ids[0] == bos else []
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer itself puts around every text: (before, after), e.g.
+    ([bos], []) for decoders that prepend bos, ([cls], [sep]) for BERT-style encoders, ([], [])
+    for tokenizers that add none.  Read from how it encodes a one-word text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k]), list(full[k + len(plain):])
+    return [], []
 
 
 def build_token_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 42,
@@ -243,8 +246,9 @@ def build_token_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int,
     """Exactly ``nsamples`` samples of exactly ``seqlen`` tokens, cut from the texts' token stream.
 
     The texts are shuffled with ``seed``, tokenized in batches (stopping once enough tokens are
-    collected) and concatenated with the eos token between them.  When the tokenizer starts its
-    encodings with bos, every sample starts with bos too.  Too little data is a DataError.
+    collected) and concatenated with the eos token between them.  Every sample is framed by the
+    special tokens the tokenizer adds to a text (``special_frame``: bos, or [CLS] ... [SEP]), so the
+    model is calibrated on what it sees in use.  Too little data is a DataError.
     """
     if tokenizer is None:
         raise DataError("text calibration needs a tokenizer, and none was found beside the model; "
@@ -254,10 +258,11 @@ def build_token_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int,
     import torch
 
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    head = _leading_bos(tokenizer)
-    body = seqlen - len(head)
+    head, tail = special_frame(tokenizer)
+    body = seqlen - len(head) - len(tail)
     if body <= 0:
-        raise DataError(f"--seqlen {seqlen} leaves no room for text after the bos token; use --seqlen 2 or more")
+        raise DataError(f"--seqlen {seqlen} leaves no room for text between the tokenizer's {len(head) + len(tail)} "
+                        f"special token(s); use --seqlen {len(head) + len(tail) + 1} or more")
     needed = nsamples * body
     sep = _separator_ids(tokenizer)
     order = list(range(len(texts)))
@@ -275,15 +280,17 @@ def build_token_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int,
                 used += 1
             stream.extend((sep if stream else []) + list(ids))
     if len(stream) < needed:
-        per_sample = f" ({body:,} text tokens per sample after bos)" if head else ""
+        where = "after bos" if head and not tail else "besides the special tokens"
+        per_sample = f" ({body:,} text tokens per sample {where})" if head or tail else ""
         raise DataError(
             f"not enough calibration data: {len(texts):,} texts hold {len(stream):,} tokens, but --nsamples "
             f"{nsamples} x --seqlen {seqlen} needs {needed:,}{per_sample}; lower --nsamples or --seqlen, "
             f"or pass more text with --dataset"
         )
     flat = torch.tensor(stream[:needed], dtype=torch.long).view(nsamples, body)
-    if head:
-        flat = torch.cat([torch.full((nsamples, 1), head[0], dtype=torch.long), flat], dim=1)
+    if head or tail:
+        flat = torch.cat([torch.tensor([head] * nsamples, dtype=torch.long).view(nsamples, len(head)), flat,
+                          torch.tensor([tail] * nsamples, dtype=torch.long).view(nsamples, len(tail))], dim=1)
     samples = TokenSamples(
         {"input_ids": row.unsqueeze(0).clone(), "attention_mask": torch.ones(1, seqlen, dtype=torch.long)}
         for row in flat

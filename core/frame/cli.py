@@ -24,12 +24,27 @@ from .plugins import discover, get_adapter, hook_table
 COMMANDS = ("quantize", "verify", "adapters", "hooks")
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "sym"):
-        return True
-    if value.lower() in ("0", "false", "no", "asym"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value}")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends each option's default to its help (None/False: nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and action.nargs != 0 and "default" not in text
+                and default not in (None, "", argparse.SUPPRESS) and not isinstance(default, (list, tuple))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The ``dest`` of every option the user typed (whatever its value), so that example-sized settings
+    replace only the defaults the user left alone."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or (opt.startswith("--") and a.startswith(opt + "=")) for a in argv):
+                given.add(action.dest)
+    return given
 
 
 def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
@@ -40,14 +55,14 @@ def _run_options(p: argparse.ArgumentParser, verify: bool = False) -> None:
     p.add_argument("--dataset", help="calibration data: a .txt/.jsonl/.parquet file or a hub dataset name "
                                      "(default: an offline corpus of Python docstrings)")
     p.add_argument("--images", help="image+text calibration: a folder of images with captions or a .jsonl of {image, text}")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--to_quant_block_names", help="block lists to quantize, comma-separated (overrides the adapter)")
     p.add_argument("--variable_inputs", choices=("rebuild", "cache"),
                    help="inputs that vary between blocks: rebuild them (adapter) or cache them per block (more RAM)")
     p.add_argument("--include_groups", default="", metavar="NAME[,NAME]",
                    help="optional block groups the adapter offers to quantize too (e.g. vision)")
     p.add_argument("--quant_vision", action="store_true", help="same as --include_groups vision")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="random seed of calibration sampling and tuning")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="an adapter option, repeatable (`quant adapters --options NAME` lists an adapter's options)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
@@ -74,22 +89,23 @@ def _options_epilog() -> str:
 def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="quant", description="Block-by-block AutoRound weight quantization.",
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command")
     epilog = _options_epilog() if with_options else None
     q = sub.add_parser("quantize", help="quantize a model (the default command)", epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     _run_options(q)
     q.add_argument("--scheme", help="W2A16, W3A16, W4A16 (default) or W8A16")
     q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (overrides --scheme)")
     q.add_argument("--group_size", type=int, help="inputs per scale: -1 (per channel), 32, 64, 128 ...")
-    q.add_argument("--sym", type=_bool, default=None, help="symmetric (true) or asymmetric (false) quantization")
-    q.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization")
+    q.add_argument("--sym", dest="sym", action="store_const", const=True, default=None,
+                   help="symmetric quantization (what every scheme uses unless --asym)")
+    q.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (a zero point per group)")
     q.add_argument("--iters", type=int, default=200, help="AutoRound iterations per block; 0 = RTN")
     q.add_argument("--lr", type=float, help="SignSGD learning rate (default 1/iters)")
     q.add_argument("--minmax_lr", type=float, help="learning rate of the clipping scales (default lr)")
     q.add_argument("--batch_size", type=int, default=8, help="samples per tuning step")
-    q.add_argument("--gradient_accumulate_steps", type=int, default=1)
+    q.add_argument("--gradient_accumulate_steps", type=int, default=1, help="mini-batches per tuning step")
     q.add_argument("--disable_amp", dest="amp", action="store_false",
                    help="tune in full precision (default: bf16 autocast on CPUs with native bf16 and on CUDA)")
     q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
@@ -108,7 +124,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
                    help="data-parallel ranks on this machine (one per GPU, or CPU processes): starts them with "
                         "torch.distributed.run; several machines: torchrun, see README")
     v = sub.add_parser("verify", help="check that block-by-block replay reproduces the model (quantization off)",
-                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=epilog, formatter_class=HelpFormatter)
     _run_options(v, verify=True)
     a = sub.add_parser("adapters", help="list installed adapters")
     a.add_argument("--json", action="store_true")
@@ -133,7 +149,7 @@ def _size(text: str) -> int:
         raise UsageError(f"--max_shard_size {text} is not a size; use e.g. 500MB or 2GB") from None
 
 
-def _settings_kwargs(args) -> dict:
+def _settings_kwargs(args, given: set[str] | None = None) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
             "quant_vision", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
             "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
@@ -152,6 +168,8 @@ def _settings_kwargs(args) -> dict:
     out["options"] = options
     if hasattr(args, "max_shard_size"):
         out["max_shard_size"] = _size(args.max_shard_size)
+    if given is not None:
+        out["explicit"] = sorted((given & set(out)) | set(options))
     return out
 
 
@@ -167,6 +185,8 @@ def cmd_adapters(args) -> int:
         if e.error:
             print(f"    error: {e.error}")
             continue
+        if e.missing:
+            print(f"    needs:    {e.needs_line}")
         info = e.info
         handles = ", ".join(list(info.model_types) + list(info.architectures) + list(info.pipelines)) or "-"
         print(f"    handles:  {handles}")
@@ -202,14 +222,14 @@ def cmd_hooks(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    result = quantize(args.model, args.adapter, **_settings_kwargs(args))
+    result = quantize(args.model, args.adapter, **_settings_kwargs(args, args.given))
     if result.output_dir and distributed.is_main_process():
         print(result.output_dir)
     return 0
 
 
 def cmd_verify(args) -> int:
-    report = verify(args.model, args.adapter, **_settings_kwargs(args))
+    report = verify(args.model, args.adapter, **_settings_kwargs(args, args.given))
     print(report.render())
     return 0 if report.ok else 1
 
@@ -237,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["quantize"] + argv
     parser = build_parser(with_options=bool({"-h", "--help"} & set(argv[1:])))
     args = parser.parse_args(argv)
+    command = parser._subparsers._group_actions[0].choices.get(args.command)
+    args.given = given_options(command, argv[1:]) if command is not None else set()
     configure_logging(getattr(args, "verbose", False))
     if getattr(args, "nproc", 1) > 1 and distributed.launched_ranks() == 1:
         return distributed.launch(_without_nproc(argv), args.nproc)

@@ -26,6 +26,9 @@ class AdapterInfo:
     # ``metadata={"help": ...}``) are set with ``--set KEY=VALUE`` or ``blockquant.quantize(KEY=VALUE)``;
     # validated at startup, part of the resume identity, reaching hooks as ``ctx.options``.
     options: type | None = None
+    # Optional modules the adapter imports only when it runs: importable module -> what installs it
+    # (e.g. {"diffusers": "blockquant[EXTRA]"}).  Missing ones make the adapter "needs: ..." instead of broken.
+    needs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,6 +182,9 @@ class ExampleModel:
     processor: Any = None           # tokenizer, processor, or None
     save: Callable[[str], None] | None = None   # writes a hub-like folder
     pipeline: Any = None            # diffusers pipeline, when the family has one
+    # Run settings of a run on this example (``quant --adapter NAME`` without a model) that the user did
+    # not set, over the engine's EXAMPLE_SETTINGS (e.g. {"nsamples": 4} where one sample makes many).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, name: str, model, processor=None) -> "ExampleModel":

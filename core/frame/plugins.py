@@ -9,6 +9,7 @@ A run gets a fresh PluginManager holding the engine defaults plus the one select
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -39,10 +40,17 @@ class AdapterEntry:
     info: AdapterInfo | None = None
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    missing: dict[str, str] = field(default_factory=dict)   # needed modules not installed -> what installs them
 
     @property
     def status(self) -> str:
-        return "broken" if self.error else "loaded"
+        return "broken" if self.error else ("needs" if self.missing else "loaded")
+
+    @property
+    def needs_line(self) -> str:
+        """``diffusers (pip install 'blockquant[EXTRA]')``: what is missing and the command that adds it."""
+        installs = " ".join(f"'{v}'" for v in dict.fromkeys(self.missing.values()))
+        return f"{', '.join(self.missing)} (pip install {installs})" if self.missing else ""
 
     def to_json(self) -> dict:
         info = self.info
@@ -53,6 +61,7 @@ class AdapterEntry:
             "architectures": list(info.architectures) if info else [],
             "pipelines": list(info.pipelines) if info else [],
             "requires": dict(info.requires) if info else {},
+            "needs": dict(self.missing),
             "options": [dict(zip(("name", "type", "default", "help"), row)) for row in describe_options(info.options)]
                        if info else [],
             "description": info.description if info else "",
@@ -117,6 +126,7 @@ def discover() -> dict[str, AdapterEntry]:
         try:
             entry.module = ep.load()
             entry.info, entry.hooks = check_adapter(name, entry.module)
+            entry.missing = {m: how for m, how in entry.info.needs.items() if not _importable(m)}
         except AdapterError as e:
             entry.error = str(e)
         except KeyboardInterrupt:
@@ -126,6 +136,13 @@ def discover() -> dict[str, AdapterEntry]:
             entry.error = f"failed to load {ep.value}: {last}"
         entries[name] = entry
     return entries
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _dist_name(ep) -> str:
@@ -152,7 +169,14 @@ def get_adapter(name: str, entries: dict[str, AdapterEntry] | None = None) -> Ad
     entry = entries[name]
     if entry.error:
         raise AdapterError(f"adapter '{name}' is broken: {entry.error}")
+    check_needs(entry)
     return entry
+
+
+def check_needs(entry: AdapterEntry) -> None:
+    """Refuse an adapter whose optional modules are not installed, naming the install command."""
+    if entry.missing:
+        raise AdapterError(f"adapter '{entry.name}' needs {entry.needs_line}")
 
 
 def detect_adapter(source, entries: dict[str, AdapterEntry] | None = None) -> AdapterEntry:
@@ -172,6 +196,7 @@ def detect_adapter(source, entries: dict[str, AdapterEntry] | None = None) -> Ad
     found = specific or generic
     what = f"pipeline {pipeline}" if pipeline else f"model_type '{model_type}' ({', '.join(sorted(archs)) or 'no architectures'})"
     if len(found) == 1:
+        check_needs(found[0])
         return found[0]
     if len(found) > 1:
         raise AdapterError(f"several adapters handle {what}: {', '.join(e.name for e in found)}; choose one with --adapter")

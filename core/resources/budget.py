@@ -65,7 +65,7 @@ def predicted_extra_ram(run) -> tuple[int, int, int]:
     config = getattr(run.model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or 0
-    cache = s.nsamples * s.seqlen * hidden * (4 if run.cache_device.type == "cpu" else 0)
+    cache = 0 if s.weights_only else s.nsamples * s.seqlen * hidden * (4 if run.cache_device.type == "cpu" else 0)
     on_cpu = run.device.type == "cpu"
     # CPU: the block in fp32 while its targets run, then (AutoRound) the block back at 2 bytes per
     # weight plus ~5 of tuning state and one layer's temporaries - about twice the fp32 block

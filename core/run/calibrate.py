@@ -14,6 +14,7 @@ from ..resources.memory import human_bytes
 from .capture import Calibration, capture, detect, stream_keys_from_output
 from .context import Run
 from .fingerprint import content_hash
+from .report import sample_count_note
 from .store import GroupStore
 
 log = logging.getLogger("blockquant")
@@ -55,6 +56,11 @@ def capture_inputs(run: Run) -> None:
     finally:
         calibration.close()
     run.capture_seconds = time.time() - t0
+    if run.stores:
+        rows = sum(_rows(sample) for sample in run.stores[0].streams)
+        note = sample_count_note(s.nsamples, len(run.stores[0]), rows, run.entry.name)
+        if note:
+            log.info(note)
     for g, store in enumerate(run.stores):
         sizes = store.nbytes()
         log.info("group %d (%s): %d samples captured, store %s (streams %s, shared %s, per-sample %s, per-block %s)",
@@ -74,6 +80,11 @@ def run_batch(run: Run, batch) -> None:
         log.warning("CUDA out of memory during a calibration forward; retrying this batch on the CPU")
         devices.fall_back_to_cpu(run)
         run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+
+
+def _rows(streams: dict) -> int:
+    tensor = next((v for v in streams.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return int(tensor.shape[0]) if tensor is not None else 1
 
 
 def _cache_policy(run: Run, detection) -> list[set[str]]:

@@ -15,7 +15,7 @@ from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
 from ..model.model_io import all_finite
 from .replay import Replayer, stream_loss, stream_sse
-from .report import BlockRecord
+from .report import BlockRecord, TuningProgress
 from .resume import restore_result
 from .store import GroupState, to_device
 from ..model.streaming import free_memory
@@ -45,11 +45,12 @@ class BlockLoop:
     def run(self) -> LoopResult:
         ctx = self.ctx
         for g, chain in enumerate(ctx.groups):
-            store = ctx.stores[g]
-            replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size)
+            # no stores: RTN straight from the weights (settings.weights_only), nothing to replay
+            store = ctx.stores[g] if ctx.stores else None
+            replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size) if store is not None else None
             state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
-                state = GroupState.start(store)
+                state = GroupState.start(store) if store is not None else GroupState(0, [], [], [], [])
             for block in chain[state.position:]:
                 try:
                     self._one_block(block, replayer, state)
@@ -61,7 +62,8 @@ class BlockLoop:
                                 "use --cache_device cpu to stay on the GPU)", block.ref.name)
                     devices.fall_back_to_cpu(ctx)
                     ctx.loader.release(block)   # streamed: the retry reads the original weights again
-                    replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
+                    if replayer is not None:
+                        replayer.device, replayer.dtype = ctx.device, ctx.compute_dtype
                     self._one_block(block, replayer, state)
                 state.position = block.ref.position + 1
                 if ctx.resume:
@@ -69,7 +71,7 @@ class BlockLoop:
                 ctx.check_interrupt()
         return self.result
 
-    def _one_block(self, block: Block, replayer: Replayer, state: GroupState) -> None:
+    def _one_block(self, block: Block, replayer: Replayer | None, state: GroupState) -> None:
         ctx, s = self.ctx, self.s
         start = time.time()
         ctx.loader.load(block)
@@ -79,7 +81,7 @@ class BlockLoop:
             p.requires_grad_(False)
         choice = choose_layers(block, s.scheme, ctx.traits.fp_layers, s.ignore_layers)
         self.result.kept.update(choice.kept)
-        tune = s.iters > 0 and bool(choice.quantize)
+        tune = s.iters > 0 and bool(choice.quantize) and replayer is not None
         batch = s.batch_size
         with torch.no_grad():
             targets = replayer.run(block, state.fp, state.fp_states, "fp", batch=batch) if tune else None
@@ -103,30 +105,19 @@ class BlockLoop:
             t0 = time.time()
             with ctx.autocast():
                 result = tune_block(
-                    choice.quantize, s.scheme, loss_fn, len(state.quant), iters=s.iters, lr=s.effective_lr,
+                    choice.quantize, s.scheme, loss_fn, max(len(state.quant), 1), iters=s.iters, lr=s.effective_lr,
                     minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
                     gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
                     reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
+                    progress=TuningProgress(block.ref.name, s.iters, log),
                 )
             self.result.tuning_seconds += time.time() - t0
             quantized = result.weights
             record.first_loss, record.best_loss, record.best_iter = result.first_loss, result.best_loss, result.best_iter
             record.rtn_fallback = result.fell_back_to_rtn
             self.result.quantized.extend(choice.quantize)
-        with torch.no_grad():
-            outputs = replayer.run(block, state.quant, state.quant_states, "quant", batch=batch)
-        finite = all(_finite(o) for o in outputs)
-        if not (ctx.dp.all_true(finite) if ctx.dp else finite):
-            raise BlockquantError(
-                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
-                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
-        cache = ctx.cache_device
-        state.quant = [to_device(o, cache) for o in outputs]
-        if targets is not None:
-            state.fp = [to_device(t, cache) for t in targets]
-        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
-            state.fp = state.quant
-            state.fp_states = [dict(s) for s in state.quant_states]
+        if replayer is not None:
+            self._advance(block, replayer, state, targets)
         if ctx.writer is not None:   # the run's outputs (export.outputs.Outputs)
             ctx.writer.add_block(block, dtypes, quantized)
         if dispatched:
@@ -140,6 +131,24 @@ class BlockLoop:
         record.seconds = time.time() - start
         self.result.blocks.append(record)
         ctx.progress.block_done(block.ref.name, **_progress_info(record))
+
+    def _advance(self, block: Block, replayer: Replayer, state: GroupState, targets) -> None:
+        """The quantized block's outputs become the next block's inputs (both streams)."""
+        ctx = self.ctx
+        with torch.no_grad():
+            outputs = replayer.run(block, state.quant, state.quant_states, "quant", batch=self.s.batch_size)
+        finite = all(_finite(o) for o in outputs)
+        if not (ctx.dp.all_true(finite) if ctx.dp else finite):   # every rank stops together
+            raise BlockquantError(
+                f"block {block.ref.name} produced NaN/Inf outputs; the weights or the calibration overflow in "
+                f"{ctx.compute_dtype} (check the checkpoint, or try --device cpu, which computes in float32)")
+        cache = ctx.cache_device
+        state.quant = [to_device(o, cache) for o in outputs]
+        if targets is not None:
+            state.fp = [to_device(t, cache) for t in targets]
+        else:   # nothing tuned here: the fp stream continues from the quantized one, state included
+            state.fp = state.quant
+            state.fp_states = [dict(s) for s in state.quant_states]
 
 
 def _finite(value) -> bool:

@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from ..config import RunSettings
+from ..config import EXAMPLE_SETTINGS, RunSettings
 from ..errors import AdapterError, UsageError
 from ..export.formats import check_format
 from ..frame import plugins
@@ -16,6 +16,7 @@ from ..frame.contract import RunContext, Traits
 from ..frame.hooks import AdapterHooks
 from ..frame.options import parse_options
 from ..model.blocks import resolve_groups
+from ..model.published import publish_like
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from ..model.streaming import BlockLoader
 from ..resources import components, devices
@@ -33,6 +34,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
         if not adapter:
             raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
         run.entry = plugins.get_adapter(adapter, entries)
+        plugins.check_versions(run.entry)      # before the example is built
         model = _example_folder(run)
     run.ctx.source = ModelSource.resolve(model)
     if run.entry is None:
@@ -80,7 +82,18 @@ def _example_folder(run: Run) -> str:
     run.tmpdir = tempfile.TemporaryDirectory(prefix=f"blockquant-{run.entry.name}-example-")
     folder = os.path.join(run.tmpdir.name, example.name)
     example.save(folder)
-    log.info("no model given: using %s's tiny example model %s", run.entry.name, example.name)
+    publish_like(folder)    # stored as models are published: bfloat16 shards with an index
+    log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
+    if torch.get_num_threads() > 1:
+        # a tiny model's matrices are too small to share between CPU threads: one thread is faster, and on a
+        # busy machine many times faster (threads wait for each other at every operation)
+        torch.set_num_threads(1)
+        log.info("example run: one CPU thread (tiny matrices)")
+    changed = run.settings.apply_defaults({**EXAMPLE_SETTINGS, **example.settings})
+    if changed:
+        fields = run.settings.__dataclass_fields__
+        log.info("example-sized run: %s (pass them to choose)",
+                 ", ".join(f"--{k} {v}" if k in fields else f"--set {k}={v}" for k, v in changed.items()))
     return folder
 
 

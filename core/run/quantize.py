@@ -23,7 +23,7 @@ from .calibrate import capture_inputs
 from .context import Abandon, Run, signals_caught
 from .loop import BlockLoop
 from .prepare import prepare
-from .report import Progress, RunReport
+from .report import Progress, RunReport, format_duration
 from .checks import check_something_quantized
 from .fingerprint import model_signature
 from .lock import OutputLock
@@ -111,11 +111,16 @@ def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(sum(len(chain) for chain in run.groups), log, done=done)
-    capture_inputs(run)
+    if s.weights_only:
+        run.stores = []     # the block loop quantizes each block's weights as they stream in
+        log.info("quantizing %d block(s) in %d group(s): %s, RTN straight from the checkpoint (no calibration data, "
+                 "no replay)", run.progress.total, len(run.groups), _scheme_label(s))
+    else:
+        capture_inputs(run)
+        log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", run.progress.total,
+                 len(run.groups), _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     if run.loaded.weights is not None and not run.keep_blocks:
         release_embeddings(run.model)
-    log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", run.progress.total, len(run.groups),
-             _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     try:
         with signals_caught(run):
             loop = BlockLoop(run).run()
@@ -186,10 +191,14 @@ def _report(run: Run, loop, output_dir: str | None, start: float) -> RunReport:
     for name, reason in loop.kept.items():
         report.keep_fp(name, reason)
     report.capture_seconds = run.capture_seconds
-    report.tuning_seconds = loop.tuning_seconds
+    earlier = ((run.resume.saved or {}).get("result") or {}).get("tuning_seconds", 0.0) if run.resume else 0.0
+    report.tuning_seconds = loop.tuning_seconds - earlier     # this process's share, like the wall time
     report.wall_seconds = time.time() - start
+    if s.weights_only:
+        report.notes.append("RTN straight from the checkpoint weights: no calibration data, no capture, no replay")
     if run.resume and run.resume.saved:
-        report.notes.append(f"resumed after {run.resume.saved.get('last_block')}")
+        report.notes.append(f"resumed after {run.resume.saved.get('last_block')}: times are this run's; the "
+                            f"earlier run(s) tuned for {format_duration(earlier)}")
     report.measure_memory()
     return report
 

@@ -9,8 +9,11 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from transformers.utils import logging as hf_logging
 
 from ..resources.memory import human_bytes, peak_rss_bytes, peak_vram_bytes
 
@@ -194,10 +197,52 @@ class RunReport:
         return "\n".join(lines) + "\n"
 
 
+def sample_count_note(nsamples: int, captured: int, rows: int, adapter: str) -> str | None:
+    """One line when the samples tuning sees are not --nsamples, and why (None when they are)."""
+    if captured == nsamples:
+        return None
+    if rows == nsamples:
+        return (f"calibration: --nsamples {nsamples} became {captured} sample(s): adapter '{adapter}' runs its "
+                f"{nsamples} records as batched forwards of several rows (padded), and each forward is one sample")
+    return (f"calibration: {captured} sample(s) ({rows} rows) for --nsamples {nsamples}: adapter '{adapter}' builds "
+            "its own calibration batches (its calibration line above says how)")
+
+
 # ----------------------------------------------------------------------------- progress
 
+# Known-harmless third-party noise, hidden unless --verbose: torch's note that a bf16 input meets a float32
+# norm weight (it computes correctly, unfused), transformers' fallback to its Pillow image processors.
+HARMLESS_WARNINGS = ("Mismatch dtype between input and weight",)
+HARMLESS_LOG_LINES = ("requires torchvision (not installed); falling back to",)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in HARMLESS_LOG_LINES)
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Normal mode: no third-party progress bars (transformers' "Writing model shards") and none of the
+    known-harmless warnings above; ``verbose`` shows them all."""
+    handlers = logging.getLogger("transformers").handlers   # child loggers' records pass their filters
+    for handler in handlers:
+        for f in [f for f in handler.filters if isinstance(f, _DropHarmless)]:
+            handler.removeFilter(f)
+    if verbose:
+        hf_logging.enable_progress_bar()
+        return
+    hf_logging.disable_progress_bar()
+    for handler in handlers:
+        handler.addFilter(_DropHarmless())
+    for text in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=text)
+
+
 def configure_logging(verbose: bool = False, stream=None) -> logging.Logger:
-    """Send the "blockquant" logger's INFO (DEBUG when verbose) lines to stderr, once."""
+    """Send the "blockquant" logger's INFO (DEBUG when verbose) lines to stderr, once; quiet third-party
+    output unless ``verbose``."""
+    quiet_third_party(verbose)
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(h, "_blockquant", False) for h in logger.handlers):
@@ -251,3 +296,26 @@ class Progress:
         else:
             self.log(line)
         return line
+
+
+class TuningProgress:
+    """While one block tunes: a line every ``interval`` seconds with the iteration, the last loss, the
+    rate and the block's ETA (silent for blocks that finish sooner).  Called as ``progress(done, loss)``."""
+
+    def __init__(self, block: str, iters: int, log: logging.Logger | Callable[[str], Any] | None = None,
+                 interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.block, self.iters, self.interval, self.clock = block, iters, interval, clock
+        self.start = self.last = clock()
+        self.log = log if log is not None else logging.getLogger(LOGGER_NAME)
+        self.lines: list[str] = []
+
+    def __call__(self, done: int, loss: float) -> None:
+        now = self.clock()
+        if now - self.last < self.interval or done >= self.iters:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        line = (f"      {self.block}  iter {done}/{self.iters}  loss {_loss(loss)}  {rate:.2f} it/s  "
+                f"eta {format_duration((self.iters - done) / rate)}")
+        self.lines.append(line)
+        self.log.info(line) if isinstance(self.log, logging.Logger) else self.log(line)

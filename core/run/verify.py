@@ -34,6 +34,7 @@ class VerifyReport:
     model: str
     samples: int
     blocks: list[BlockCheck] = field(default_factory=list)
+    dtype: str = "float32"          # the precision both forwards ran in (the engine's compute dtype)
     tolerance: float = TOLERANCE
 
     @property
@@ -49,7 +50,7 @@ class VerifyReport:
         return self.first_divergent is None
 
     def render(self) -> str:
-        lines = [f"verify {self.model} with adapter {self.adapter}: {self.samples} sample(s), replay vs the model's forward"]
+        lines = [f"verify {self.model} with adapter {self.adapter}: {self.samples} sample(s), replay vs the model's forward, both in {self.dtype}"]
         for b in self.blocks:
             flag = "ok " if b.rel_error <= self.tolerance else "BAD"
             extra = f"  kwargs differ: {', '.join(b.differing_kwargs)}" if b.differing_kwargs else ""
@@ -118,14 +119,25 @@ def run_verify(model: str | None, adapter: str | None, settings: RunSettings) ->
     return verify_prepared(prepare(model, adapter, settings))
 
 
+def compute_in_engine_dtype(run) -> None:
+    """Run the model's own forward in the precision the block loop computes in (float32 on the CPU, the
+    model's dtype on CUDA): a bfloat16 checkpoint is verified on the CPU in float32, as it is tuned."""
+    dtype = run.compute_dtype
+    if run.model_dtype != dtype:
+        run.model.to(dtype)     # parameters still on the meta device stay there, with the new dtype
+    run.loader.dtype = dtype
+
+
 def verify_prepared(run) -> VerifyReport:
     """Verify a run returned by ``api.prepare`` (callers may change the model in between)."""
+    compute_in_engine_dtype(run)
     capture_inputs(run)
     refs = reference(run, run.batches)
-    report = VerifyReport(adapter=run.entry.name, model=run.source.path, samples=len(run.stores[0]) if run.stores else 0)
+    report = VerifyReport(adapter=run.entry.name, model=run.source.path, samples=len(run.stores[0]) if run.stores else 0,
+                          dtype=str(run.compute_dtype).replace("torch.", ""))
     for g, chain in enumerate(run.groups):
         store = run.stores[g]
-        replayer = Replayer(run.hooks, store, run.device, torch.float32 if run.device.type == "cpu" else run.compute_dtype)
+        replayer = Replayer(run.hooks, store, run.device, run.compute_dtype)
         streams = [dict(s) for s in store.streams]
         states = [{} for _ in streams]
         for block in chain:
