@@ -33,7 +33,7 @@ def test_rtn_without_data_is_byte_identical_to_the_calibrated_path(tiny_folder, 
     common = dict(adapter="generic", iters=0, group_size=32, nsamples=4, seqlen=32)
     direct = api.quantize(str(folder), output_dir=str(tmp_path / "direct"), **common)
     replayed = api.quantize(str(folder), output_dir=str(tmp_path / "replayed"), dataset=corpus_file, **common)
-    assert direct.run.stores == [] and direct.report.capture_seconds == 0
+    assert direct.run.stores == [] and direct.run.batches == []     # no calibration built, nothing captured
     assert any("no calibration data" in n for n in direct.report.notes)
     assert replayed.run.stores and not any("no calibration data" in n for n in replayed.report.notes)
     a, b = _files(direct.output_dir), _files(replayed.output_dir)
