@@ -29,11 +29,6 @@ def period(bits: int) -> tuple[int, int]:
     return _WORD // g, bits // g
 
 
-def can_pack(n: int, bits: int) -> bool:
-    """True when ``n`` values of ``bits`` bits fill whole int32 words."""
-    return n % period(bits)[0] == 0
-
-
 def _slots(bits: int):
     """For each value of one period: (word, bit offset, bits spilling into the next word)."""
     return [(j * bits // _WORD, j * bits % _WORD, max(0, j * bits % _WORD + bits - _WORD))

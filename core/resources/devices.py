@@ -42,14 +42,21 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if type(batch) is dict:
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if hasattr(batch, "to") and hasattr(batch, "keys"):   # transformers BatchEncoding / BatchFeature
-        return batch.to(device)
-    return batch
+def to_device(value: Any, device) -> Any:
+    """Detach and move tensors inside tuples, lists and plain dicts; a view into a larger tensor is copied
+    so that a store never keeps its base alive."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device)
+        if t.device.type != "meta" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()
+        return t
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict) and type(value) is dict:
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value   # anything else (shared state holders, caches) is passed as it is
 
 
 def fall_back_to_cpu(run) -> None:

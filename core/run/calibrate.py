@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 import time
 
 import torch
@@ -75,11 +76,11 @@ def run_batch(run: Run, batch) -> None:
     """One calibration forward (``run_calibration``), retried on the CPU after a CUDA OOM."""
     faults.point("calibration_forward")
     try:
-        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+        run.hooks.run_calibration(model=run.model, batch=_on(batch, run.device))
     except torch.cuda.OutOfMemoryError:
         log.warning("CUDA out of memory during a calibration forward; retrying this batch on the CPU")
         devices.fall_back_to_cpu(run)
-        run.hooks.run_calibration(model=run.model, batch=devices.move_batch(batch, run.device))
+        run.hooks.run_calibration(model=run.model, batch=_on(batch, run.device))
 
 
 def _rows(streams: dict) -> int:
@@ -99,3 +100,8 @@ def _cache_policy(run: Run, detection) -> list[set[str]]:
                         "replay_inputs can rebuild them instead", g, ", ".join(sorted(cached)))
         out.append(cached)
     return out
+
+
+def _on(batch, device):
+    """A calibration batch on ``device``; a processor's output (a mapping) becomes a plain dict of its fields."""
+    return devices.to_device(dict(batch) if isinstance(batch, Mapping) else batch, device)

@@ -16,7 +16,8 @@ import torch
 from ..model.blocks import Block, bind_inputs
 from ..frame.contract import SampleInputs, Traits
 from ..errors import ControlFlow, DataError
-from .store import GroupStore, same_value, to_device
+from ..resources.devices import to_device
+from .store import GroupStore, same_value
 from ..model.streaming import free_memory
 
 log = logging.getLogger("blockquant")

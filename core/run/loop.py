@@ -11,13 +11,14 @@ import torch
 
 from ..algorithm.tuning import tune_block
 from ..resources import devices
+from ..resources.devices import to_device
 from ..model.blocks import Block, choose_layers
 from ..errors import BlockquantError
 from ..model.model_io import all_finite
 from .replay import Replayer, stream_loss, stream_sse
 from .report import BlockRecord, TuningProgress
 from .resume import restore_result
-from .store import GroupState, to_device
+from .store import GroupState
 from ..model.streaming import free_memory
 
 log = logging.getLogger("blockquant")

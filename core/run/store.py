@@ -59,22 +59,6 @@ class GroupState:
         return {"fp": self.fp, "quant": self.quant, "fp_states": self.fp_states, "quant_states": self.quant_states}
 
 
-def to_device(value: Any, device) -> Any:
-    """Detach and move; a view into a larger tensor is copied so the store never keeps its base alive."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to(device)
-        if t.device.type != "meta" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
-            t = t.clone()
-        return t
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, dict) and type(value) is dict:
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _tensors(value: Any):
     if isinstance(value, torch.Tensor):
         yield value
