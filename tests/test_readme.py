@@ -103,14 +103,20 @@ def test_quant_line_runs_as_written(line, folders, tmp_path, monkeypatch, capsys
         argv += ["--nsamples", "2", "--seqlen", "32"] + (["--set", "num_inference_steps=1"] if adapter == "flux" else [])
     if command == "quantize" and not ("--iters" in argv and argv[argv.index("--iters") + 1] == "0"):
         argv += ["--iters", "1"]
+    if "--nproc" in argv:          # as many ranks as this machine's test can afford
+        argv[argv.index("--nproc") + 1] = "2"
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     if command == "verify":
         assert "OK: every block within" in out
     if command == "quantize":
-        written = out.strip().splitlines()[-1]
-        assert os.path.isdir(written) and os.path.exists(os.path.join(written, "config.json")) or \
-            os.path.exists(os.path.join(written, "model_index.json"))
+        # the printed folder; ranks started by --nproc print from their own processes: the -o folder
+        written = out.strip().splitlines()[-1] if out.strip() else str(tmp_path / "out")
+        fmt = argv[argv.index("--format") + 1] if "--format" in argv else "auto_round"
+        folders_written = [os.path.join(written, f.replace(":", "-")) for f in fmt.split(",")] if "," in fmt else [written]
+        for folder in folders_written:   # several formats: one folder each
+            names = os.listdir(folder)
+            assert "config.json" in names or "model_index.json" in names or any(n.endswith(".gguf") for n in names)
 
 
 def test_python_block_runs_as_written(tmp_path, monkeypatch, capsys):

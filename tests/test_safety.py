@@ -323,6 +323,7 @@ def test_adapter_exiting_at_import_is_marked_broken(fake_adapters, model, tmp_pa
 def test_raising_hook_is_one_line_naming_adapter_and_hook(fake_adapters, model, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = [model, "-o", out, "--adapter", "raiser"] + FAST[2:]
+    argv[argv.index("--iters") + 1] = "1"     # RTN without data would never ask for calibration batches
     refused(argv, capsys, 1, "adapter 'raiser' failed in hook calibration_batches: ValueError: boom in the adapter",
             model, out)
     rc, err = main(argv + ["--verbose"], capsys)
