@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 
 from blockquant import api, load_quantized
 from blockquant.algorithm.tuning import tune_block
-from blockquant.config import QuantScheme
 from blockquant.model.blocks import choose_layers
 from blockquant.resources import distributed
 from blockquant.run.replay import Replayer, stream_loss, stream_sse

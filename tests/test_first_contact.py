@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from blockquant.frame import plugins
-from blockquant.frame.cli import build_parser, main
+from blockquant.frame.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

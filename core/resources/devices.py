@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ResourceError, UsageError
+from ..errors import UsageError
 
 log = logging.getLogger("blockquant")
 
