@@ -53,6 +53,11 @@ class Traits:
     fp_layers: tuple[str, ...] = ()
     # Upper bound on samples per forward during tuning (None: batch_size decides).
     max_batch_size: int | None = None
+    # Samples of different lengths (image + text samples, prompts of different lengths) share one forward,
+    # right-padded to the longest, with real tokens never attending to padding and the loss over real
+    # tokens only (core/run/padding.py; a block whose padded outputs differ from its sample-by-sample
+    # outputs runs sample by sample).  False: such samples always run one by one.
+    pad_samples: bool = True
     # Stop the capture forward once every group's first block has been captured.
     stop_after_capture: bool = True
     # Output layout: folder (inside the model folder) and file prefix of the weights.

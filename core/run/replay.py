@@ -8,12 +8,16 @@ same object), otherwise they run one by one.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from ..model.blocks import Block
+from .padding import agree, pad_collate, trim
 from .store import GroupStore
+
+log = logging.getLogger("blockquant")
 
 
 def cast(value: Any, device, dtype) -> Any:
@@ -73,13 +77,15 @@ def split_output(output: Any, rows: list[int]) -> list[Any]:
 class Replayer:
     """Runs blocks of one group on its captured samples."""
 
-    def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None):
+    def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None, pad: bool = False):
         self.hook = hook            # the plugin manager's hook relay
         self.store = store
         self.device = device
         self.dtype = dtype
         self.max_batch = max_batch
+        self.pad = pad              # samples of different lengths share a padded forward (padding.py)
         self.collatable: dict[int, bool] = {}   # block number -> did collation work
+        self.paddable: dict[int, bool] = {}     # block number -> did padding give the sample-by-sample outputs
 
     def sample_kwargs(self, block: Block, i: int, streams: dict, state: dict, stream: str):
         kwargs = self.store.kwargs(i)
@@ -112,15 +118,48 @@ class Replayer:
         return [out.get(i) for i in indices]
 
     def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
-        joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(block.ref.number, True) else None
+        number = block.ref.number
+        joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(number, True) else None
         if joined is None:
             if len(prepared) > 1:
-                self.collatable[block.ref.number] = False
+                self.collatable[number] = False
+                if self.pad and self.paddable.get(number, True):
+                    padded = self._padded(block, prepared)
+                    if padded is not None:
+                        return padded
             return [self._outputs(block, block.module(**kw), kw, cached) for kw, cached in prepared]
         rows = [1] * len(prepared)   # collation only joins one-row samples
         output = block.module(**joined)
         pieces = split_output(output, rows)
         return [self._outputs(block, piece, kw, cached) for piece, (kw, cached) in zip(pieces, prepared)]
+
+    def _padded(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict] | None:
+        """One right-padded forward (padding.py), each sample's output cut back to its length; None where
+        the samples cannot be padded.  The first padded forward of a block is checked against the
+        sample-by-sample forward; where they differ, the block runs sample by sample from then on."""
+        padded = pad_collate([kw for kw, _ in prepared], self.store.stream_keys)
+        if padded is None:
+            return None
+        number = block.ref.number
+        if number not in self.paddable:
+            with torch.no_grad():
+                pieces = self._padded_pieces(block, padded)
+                alone = [block.module(**kw) for kw, _ in prepared]
+            self.paddable[number] = all(agree(p, a, self.dtype) for p, a in zip(pieces, alone))
+            if not self.paddable[number]:
+                log.info("block %s: padded samples do not reproduce the sample-by-sample outputs; "
+                         "its samples of different lengths run one by one", block.ref.name)
+                return None
+            if not torch.is_grad_enabled():
+                return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
+        pieces = self._padded_pieces(block, padded)
+        return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
+
+    def _padded_pieces(self, block: Block, padded) -> list[Any]:
+        output = block.module(**padded.kwargs)
+        longest = max(padded.lengths)
+        pieces = split_output(output, [1] * len(padded.lengths))
+        return [trim(p, n, longest, padded.dim) for p, n in zip(pieces, padded.lengths)]
 
     def _outputs(self, block: Block, output: Any, kwargs: dict, cached) -> dict:
         streams = self.hook.block_outputs(block=block.module, index=block.ref, output=output, inputs=kwargs, cached=cached)
