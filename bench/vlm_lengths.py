@@ -1,0 +1,98 @@
+"""Tuning time per iteration of a Qwen2.5-VL-shaped tiny model with images of three sizes vs one size.
+
+    python bench/vlm_lengths.py [--iters 20 --nsamples 12 --batch_size 4 --rounds 2]
+
+The model is the qwen_vl adapter's example (``quant --adapter qwen_vl``: 4 text blocks of width 128).
+Every sample has the same caption; only the image size changes its length.  Three runs per round, all
+in this process on the CPU, the same settings otherwise:
+
+- ``one size``: every image 112x56 (all samples of one length: stacked as they are);
+- ``three sizes``: 56x56, 112x56 and 112x112 in turn (three lengths: one right-padded forward per
+  mini-batch, core/run/padding.py);
+- ``three sizes, one by one``: the same data with padding turned off (the sample-by-sample path).
+
+Prints the tuning milliseconds per iteration per block (all blocks' tune_block time / iterations /
+blocks, first iterations included; the fastest of ``--rounds``) and the ratios to ``one size``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vs_autoround import timed  # noqa: E402
+
+SIZES = {"one size": ((112, 56),), "three sizes": ((56, 56), (112, 56), (112, 112))}
+CAPTION = "a red circle on a blue background"
+
+
+def images(folder: str, sizes, n: int) -> str:
+    from blockquant.data.image_data import draw_shape
+
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        draw_shape("circle", "red", "blue", sizes[i % len(sizes)]).save(os.path.join(folder, f"{i:03d}.png"))
+        with open(os.path.join(folder, f"{i:03d}.txt"), "w") as f:
+            f.write(CAPTION)
+    return folder
+
+
+def one_run(model: str, data: str, pad: bool, args) -> tuple[float, list[int]]:
+    """Tuning ms per iteration per block, and the samples' lengths."""
+    from blockquant import api
+    from blockquant.run import loop
+    from blockquant.run.replay import Replayer
+
+    class Unpadded(Replayer):
+        def __init__(self, *a, **kw):
+            kw["pad"] = False
+            super().__init__(*a, **kw)
+
+    spent = {"tuning_s": 0.0, "tuning_cpu_s": 0.0}
+    saved = loop.tune_block, loop.Replayer
+    timed(loop, "tune_block", spent, "cpu")
+    if not pad:
+        loop.Replayer = Unpadded
+    try:
+        result = api.quantize(model, adapter="qwen_vl", images=data, format="fake", keep_blocks=True, seed=0,
+                              device="cpu", iters=args.iters, nsamples=args.nsamples, seqlen=128,
+                              batch_size=args.batch_size)
+    finally:
+        loop.tune_block, loop.Replayer = saved
+    lengths = [s["hidden_states"].shape[1] for s in result.run.stores[0].streams]
+    return spent["tuning_s"] / (args.iters * len(result.report.blocks)) * 1000, lengths
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--nsamples", type=int, default=12)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    from blockquant.adapters.qwen_vl import example_default
+
+    runs = {"one size": ("one size", True), "three sizes": ("three sizes", True),
+            "three sizes, one by one": ("three sizes", False)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        example_default().save(model)
+        data = {k: images(os.path.join(tmp, k.replace(" ", "-")), v, args.nsamples) for k, v in SIZES.items()}
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, (sizes, pad) in runs.items():
+                ms, lengths = one_run(model, data[sizes], pad, args)
+                best[name] = min(best.get(name, ms), ms)
+                print(f"  {name:<24} {ms:7.1f} ms per iteration per block  (sample lengths {sorted(set(lengths))})")
+    print(f"iters {args.iters}, {args.nsamples} samples, batch {args.batch_size}, fastest of {args.rounds} round(s):")
+    for name, ms in best.items():
+        print(f"{name:<24} {ms:7.1f} ms   ratio to one size {ms / best['one size']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
