@@ -1,7 +1,7 @@
 """Per-iteration cost of AutoRound tuning on three kinds of block, with an optional profile.
 
     python bench/tuning_profile.py [--shape demo|small|4b-block] [--iters N] [--profile cprofile|torch]
-                                   [--rows 25] [--threads N] [--keep DIR]
+                                   [--rows 25] [--threads N] [--keep DIR] [--compile auto|on|off]
 
 - ``demo``: the gemma4 adapter's example model (four tiny Gemma 4 blocks, hidden 64) at the README
   demo's settings (50 iters, 16 x 128 tokens, group size 32, batch 8).
@@ -46,10 +46,13 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--keep", help="generate the model here and keep it")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's --compile (compilation time counts as tuning time)")
     args = ap.parse_args()
     settings = dict(SETTINGS[args.shape])
     if args.iters is not None:
         settings["iters"] = args.iters
+    settings["compile"] = args.compile
     with tempfile.TemporaryDirectory() as tmp:
         folder = None
         if args.shape in MODELS:

@@ -114,6 +114,7 @@ class RunSettings:
     include_groups: tuple[str, ...] = ()  # optional block groups to quantize too (Traits.optional_groups)
     images: str | None = None         # folder / .jsonl of images for image+text calibration
     amp: bool = True                  # mixed precision for tuning (CUDA bf16/fp16 models; CPUs with native bf16)
+    compile: str = "auto"             # torch.compile of the tuning step: auto (large CUDA blocks), on, off
     allow_unquantized: bool = False   # a run that keeps every layer in full precision warns instead of failing
     keep_blocks: bool = False         # keep the quantized (dequantized) blocks in memory: result.model
     verbose: bool = False
@@ -150,6 +151,8 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be a positive number (got {value}); omit it for the default 1/iters")
+        if self.compile not in ("auto", "on", "off"):
+            raise UsageError(f"--compile must be auto, on or off (got {self.compile})")
         self.format = ",".join(parse_formats(self.format))
 
     @property
@@ -177,6 +180,8 @@ class RunSettings:
                 "dataset", "seed", "to_quant_block_names", "ignore_layers", "format", "variable_inputs",
                 "include_groups", "images")
         out = {k: getattr(self, k) for k in keys}
+        if self.compile != "auto":     # compiled steps round differently; auto is recorded as before
+            out["compile"] = self.compile
         out["ignore_layers"] = list(self.ignore_layers)
         out["include_groups"] = list(self.include_groups)
         out["scheme"] = dataclasses.asdict(self.scheme)

@@ -61,11 +61,14 @@ class TunedLinear:
         self._saved = None
 
     # --- the replacement forward -------------------------------------------------------------
-    def install(self) -> None:
+    def install(self, forward=None) -> None:
+        """Replace the layer's forward (``forward``: another one, e.g. compiled.traced_forward's)."""
         layer = self.layer
 
-        def forward(x, *args, **kwargs):
+        def eager(x, *args, **kwargs):
             return QuantLinearFn.apply(x, self.v, self.min_scale, self.max_scale, self)
+
+        forward = forward or eager
 
         # Under accelerate hooks, ``forward`` is the hook's wrapper that calls ``_old_forward``.
         attr = "_old_forward" if "_old_forward" in layer.__dict__ else "forward"

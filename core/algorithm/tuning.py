@@ -17,6 +17,7 @@ import torch
 
 from ..config import QuantScheme
 from ..resources.memory import heap_for_temporaries, trim_heap
+from .compiled import traced_forward
 from .quantizers import GroupedWeight, QuantizedWeight
 from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, TunedLinear, row_chunks, write_dequantized
 
@@ -63,6 +64,7 @@ def tune_block(
     log=None,
     reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    compiled: bool = False,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
@@ -73,6 +75,8 @@ def tune_block(
     ``reduce_grads(params)``: called before each step to combine the parameters' gradients in place
     (data-parallel runs: the sum over ranks); the steps then follow the backward, not its hooks.
     ``progress(iterations_done, loss)`` is called after every iteration (e.g. a rate-limited log line).
+    ``compiled``: the layers' forwards are plain autograd ops (compiled.py) for a caller that runs the
+    block through torch.compile.
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -87,6 +91,7 @@ def tune_block(
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
         run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
         run.reduce_grads = reduce_grads
+        run.compiled = compiled
         first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log, progress)
     except BaseException:
         for st in states.values():       # leave the layers as they were
@@ -134,6 +139,7 @@ class _Run:
         self._perm: list[int] = []
         self._threads: int | None = None     # the thread count to restore after a serial run
         self.reduce_grads = None   # see tune_block
+        self.compiled = False      # see tune_block
 
     def _indices(self) -> list[int]:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
@@ -153,7 +159,7 @@ class _Run:
         self.bounds.update({id(p): (minmax_lr, 0.0, 1.0) for p in scales})
         try:
             for st in self.states:
-                st.install()
+                st.install(traced_forward(st) if self.compiled else None)
             hooked = self.accumulate == 1 and self.reduce_grads is None
             if hooked:      # step each parameter as soon as its gradient is complete
                 hooks = [p.register_post_accumulate_grad_hook(self._step_now) for p in vs + scales]

@@ -108,6 +108,9 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--gradient_accumulate_steps", type=int, default=1, help="mini-batches per tuning step")
     q.add_argument("--disable_amp", dest="amp", action="store_false",
                    help="tune in full precision (default: bf16 autocast on CPUs with native bf16 and on CUDA)")
+    q.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the tuning step: auto = only CUDA blocks of ~33M+ tuned weights "
+                        "(on the CPU it does not pay off), on, off; compilation time counts as tuning time")
     q.add_argument("--device_map", help="'auto' to spread blocks over several GPUs with accelerate")
     q.add_argument("--cache_device", help="where the calibration cache lives: cpu or cuda[:N] (default: --device)")
     q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
@@ -152,8 +155,8 @@ def _size(text: str) -> int:
 def _settings_kwargs(args, given: set[str] | None = None) -> dict:
     keys = ("nsamples", "seqlen", "dataset", "images", "device", "to_quant_block_names", "variable_inputs",
             "quant_vision", "seed", "verbose", "scheme", "bits", "group_size", "sym", "iters",
-            "lr", "minmax_lr", "amp", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device", "format",
-            "output_dir", "overwrite", "fresh", "allow_unquantized")
+            "lr", "minmax_lr", "amp", "compile", "batch_size", "gradient_accumulate_steps", "device_map", "cache_device",
+            "format", "output_dir", "overwrite", "fresh", "allow_unquantized")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if hasattr(args, "ignore_layers"):
         out["ignore_layers"] = tuple(p for p in args.ignore_layers.split(",") if p)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..algorithm.compiled import compile_block, use_compile
 from ..algorithm.tuning import tune_block
 from ..resources import devices
 from ..resources.devices import to_device
@@ -105,14 +106,22 @@ class BlockLoop:
                 return loss
 
             t0 = time.time()
-            with ctx.autocast():
-                result = tune_block(
-                    choice.quantize, s.scheme, loss_fn, max(len(state.quant), 1), iters=s.iters, lr=s.effective_lr,
-                    minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
-                    gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
-                    reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
-                    progress=TuningProgress(block.ref.name, s.iters, log),
-                )
+            weights = sum(layer.weight.numel() for layer in choice.quantize.values())
+            compiled = tune and use_compile(s.compile, ctx.device, weights)
+            if compiled:   # the loss's forwards and backwards (compilation time counts as tuning time)
+                replayer.compiled[block.ref.number] = compile_block(block.module)
+            try:
+                with ctx.autocast():
+                    result = tune_block(
+                        choice.quantize, s.scheme, loss_fn, max(len(state.quant), 1), iters=s.iters, lr=s.effective_lr,
+                        minmax_lr=s.effective_minmax_lr, batch_size=s.batch_size,
+                        gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                        reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
+                        progress=TuningProgress(block.ref.name, s.iters, log), compiled=compiled,
+                    )
+            finally:
+                if replayer is not None:
+                    replayer.compiled.pop(block.ref.number, None)
             self.result.tuning_seconds += time.time() - t0
             quantized = result.weights
             record.first_loss, record.best_loss, record.best_iter = result.first_loss, result.best_loss, result.best_iter

@@ -86,6 +86,7 @@ class Replayer:
         self.pad = pad              # samples of different lengths share a padded forward (padding.py)
         self.collatable: dict[int, bool] = {}   # block number -> did collation work
         self.paddable: dict[int, bool] = {}     # block number -> did padding give the sample-by-sample outputs
+        self.compiled: dict[int, Any] = {}      # block number -> what runs it instead of the module (torch.compile)
 
     def sample_kwargs(self, block: Block, i: int, streams: dict, state: dict, stream: str):
         kwargs = self.store.kwargs(i)
@@ -117,6 +118,9 @@ class Replayer:
         out = dict(zip(held, results))
         return [out.get(i) for i in indices]
 
+    def _module(self, block: Block):
+        return self.compiled.get(block.ref.number, block.module)
+
     def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
         number = block.ref.number
         joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(number, True) else None
@@ -127,9 +131,9 @@ class Replayer:
                     padded = self._padded(block, prepared)
                     if padded is not None:
                         return padded
-            return [self._outputs(block, block.module(**kw), kw, cached) for kw, cached in prepared]
+            return [self._outputs(block, self._module(block)(**kw), kw, cached) for kw, cached in prepared]
         rows = [1] * len(prepared)   # collation only joins one-row samples
-        output = block.module(**joined)
+        output = self._module(block)(**joined)
         pieces = split_output(output, rows)
         return [self._outputs(block, piece, kw, cached) for piece, (kw, cached) in zip(pieces, prepared)]
 
@@ -144,7 +148,7 @@ class Replayer:
         if number not in self.paddable:
             with torch.no_grad():
                 pieces = self._padded_pieces(block, padded)
-                alone = [block.module(**kw) for kw, _ in prepared]
+                alone = [self._module(block)(**kw) for kw, _ in prepared]
             self.paddable[number] = all(agree(p, a, self.dtype) for p, a in zip(pieces, alone))
             if not self.paddable[number]:
                 log.info("block %s: padded samples do not reproduce the sample-by-sample outputs; "
@@ -156,7 +160,7 @@ class Replayer:
         return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
 
     def _padded_pieces(self, block: Block, padded) -> list[Any]:
-        output = block.module(**padded.kwargs)
+        output = self._module(block)(**padded.kwargs)
         longest = max(padded.lengths)
         pieces = split_output(output, [1] * len(padded.lengths))
         return [trim(p, n, longest, padded.dim) for p, n in zip(pieces, padded.lengths)]
