@@ -2,7 +2,8 @@
 # GPU check, unattended on a 1-GPU machine in about 10 minutes (see bench/README.md, "gpu.sh"):
 #   1. the CUDA tests (the suite's tests skipped without CUDA, and the device-selection tests);
 #   2. blockquant vs auto-round 0.16.1 side by side on a generated ~0.6B-parameter Qwen3-style model
-#      (random weights, built offline), W4 g128, printing tuning time, peak VRAM per device and KL.
+#      (random weights, built offline), W4 g128, printing tuning time, peak VRAM per device and KL;
+#   3. blockquant's --compile on vs off on the same model (30 iters, 150 s each at most): does the compiled step pay off on CUDA?
 # Needs a Python with a CUDA build of torch, transformers, auto-round==0.16.1 and this repository
 # installed (PYTHON=..., default .venv/bin/python, else python3).  Nothing is downloaded.
 #   bash bench/gpu.sh [--iters 200 --nsamples 64 --seqlen 512 ...]   (extra args go to vs_autoround.py)
@@ -46,5 +47,10 @@ tools=blockquant,autoround
 "$PY" -c 'import auto_round' 2>/dev/null || tools=blockquant
 timeout 420 "$PY" bench/vs_autoround.py --shape 0.6b --device cuda --iters 200 --nsamples 64 --seqlen 512 \
   --batch_size 8 --repeats 1 --tools "$tools" --keep "$OUT" "$@" || status=1
+echo "== 3. blockquant's compiled step (--compile on vs off; compilation counted), Qwen3-style ~0.6B, cuda"
+for c in off on; do
+  timeout 150 "$PY" bench/vs_autoround.py --shape 0.6b --device cuda --iters 30 --nsamples 64 --seqlen 512 \
+    --batch_size 8 --repeats 1 --tools blockquant --compile $c --keep "$OUT" || status=1
+done
 echo "gpu.sh: exit $status"
 exit $status

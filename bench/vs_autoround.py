@@ -126,7 +126,7 @@ def run_blockquant(folder: str, args):
     timed(loop, "tune_block", spent, args.device)      # the block loop's tune_block
     result = api.quantize(folder, adapter="generic", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, bits=args.bits, group_size=args.group_size, device=args.device,
-                          format="fake", keep_blocks=True, seed=0)
+                          format="fake", keep_blocks=True, seed=0, compile=args.compile)
     return result.model, spent
 
 
@@ -188,6 +188,8 @@ def main():
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool, alternating (default 2)")
     ap.add_argument("--tools", default="blockquant,autoround")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="blockquant's --compile (compilation time counts as tuning time)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads for both tools (default: torch's)")
     ap.add_argument("--parallel", action="store_true",
                     help="run the tools at the same time (a loaded machine: both see the same load; compare CPU seconds)")
@@ -255,7 +257,7 @@ def _threads() -> int:
 def _pass(args) -> list[str]:
     out = ["--shape", args.shape, "--device", args.device, "--iters", str(args.iters), "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size), "--bits", str(args.bits),
-           "--group_size", str(args.group_size)]
+           "--group_size", str(args.group_size), "--compile", args.compile]
     return out + (["--threads", str(args.threads)] if args.threads else [])
 
 
