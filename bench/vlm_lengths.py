@@ -75,13 +75,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
-    from blockquant.adapters.qwen_vl import example_default
+    from blockquant.adapters.qwen_vl import example_model
 
     runs = {"one size": ("one size", True), "three sizes": ("three sizes", True),
             "three sizes, one by one": ("three sizes", False)}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
-        example_default().save(model)
+        example_model().save(model)
         data = {k: images(os.path.join(tmp, k.replace(" ", "-")), v, args.nsamples) for k, v in SIZES.items()}
         best: dict[str, float] = {}
         for _ in range(args.rounds):
