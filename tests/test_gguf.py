@@ -75,7 +75,9 @@ def check_file(path: str, result, arch: str, expected_type: str):
     tok = AutoTokenizer.from_pretrained(result.run.source.path)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     assert field(reader, "tokenizer.ggml.tokens")[:len(vocab)] == [t for t, _ in vocab]
-    assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    # a tokenizer without a bos token (Qwen): the gguf package takes config.json's, as llama.cpp's converter does
+    bos = tok.bos_token_id if tok.bos_token_id is not None else config.bos_token_id
+    assert field(reader, "tokenizer.ggml.bos_token_id") == bos
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     for i in range(config.num_hidden_layers):
         for hf, short in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
