@@ -120,8 +120,8 @@ def _family_model(class_name: str, vocab_size: int) -> str:
 
 
 def family_tokenizer(class_name: str, vocab_size: int = 512, **kwargs):
-    """A tokenizer of the transformers class ``class_name`` (``Qwen2Tokenizer``, ``GemmaTokenizer``,
-    ``LlamaTokenizer`` ...) over a BPE trained offline with the class's own pipeline (``_family_model``).
+    """A tokenizer of the transformers class ``class_name`` (the one a model family publishes, named by its
+    adapter) over a BPE trained offline with the class's own pipeline (``_family_model``).
 
     ``kwargs`` go to the class: special tokens where the family's differ from the class defaults,
     ``add_bos_token``, ``extra_special_tokens``, ``additional_special_tokens``, ``model_max_length``.  A class
