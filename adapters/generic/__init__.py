@@ -59,16 +59,14 @@ def tiny_config(kind: str = "llama", layers: int = 4, hidden: int = 64, vocab: i
 
 
 def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0) -> ExampleModel:
-    import torch
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
+    from blockquant.kit.examples import random_model
+
     tokenizer = tiny_tokenizer(kind)
     config = tiny_config(kind, layers, hidden, tokenizer=tokenizer)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    name = f"tiny-{kind}"
-
-    return ExampleModel.of(name, model, tokenizer)
+    model = random_model(AutoModelForCausalLM.from_config, config, seed)
+    return ExampleModel.of(f"tiny-{kind}", model, tokenizer)
 
 
 @hookimpl
