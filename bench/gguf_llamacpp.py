@@ -96,7 +96,7 @@ def main() -> int:
     source = os.path.join(work, "model")
     build_example(args.kind, args.layers, args.hidden).save(source)
     fp = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    layout = plugins.run_manager(plugins.get_adapter("generic")).hook.gguf_layout(model=fp)
+    layout = plugins.run_manager(plugins.get_adapter("generic")).hook.gguf_layout(model=fp, ctx=None)
     tok = AutoTokenizer.from_pretrained(source)
     ids = tok("\n\n".join(stdlib_paragraphs("heldout")), return_tensors="pt").input_ids[:, :args.heldout]
     with torch.no_grad():
