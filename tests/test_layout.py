@@ -109,3 +109,23 @@ def test_no_core_module_is_imported_inside_a_function():
                     if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("blockquant")):
                         hits.append(f"{os.path.relpath(path, CORE)}:{node.lineno}")
     assert not hits, "imports of core modules inside functions: " + ", ".join(hits)
+
+
+# An adapter holds model knowledge only; what every family needs is the core's.  Lines of Python in the
+# package (its example model included, its tests not).
+ADAPTER_LINE_LIMITS = {"adapters/gemma4": 450, "adapters/qwen_vl": 300, "adapters/flux": 350,
+                       "adapters/generic": 200, "examples/blockquant-llava/blockquant_llava": 120}
+
+
+def test_adapters_stay_small():
+    root = os.path.dirname(CORE)
+    over = []
+    for folder, limit in ADAPTER_LINE_LIMITS.items():
+        lines = 0
+        for where, _, files in os.walk(os.path.join(root, folder)):
+            if "tests" not in os.path.relpath(where, root).split(os.sep):
+                lines += sum(len(open(os.path.join(where, f), encoding="utf-8").readlines())
+                             for f in files if f.endswith(".py"))
+        if lines > limit:
+            over.append(f"{folder}: {lines} lines (limit {limit})")
+    assert not over, "adapters grew past their size (move what is not model knowledge into the core): " + "; ".join(over)

@@ -14,7 +14,7 @@ from blockquant.resources.by_reference import pass_by_reference
 from . import model as _model
 from . import replay as _replay
 from . import versions as _versions
-from .example import example_default, example_multimodal, example_text
+from .example import DEFAULT_SIZES, example_multimodal, example_text
 
 __all__ = ["example_text", "example_multimodal"]
 
@@ -27,7 +27,7 @@ def adapter_info():
                     "inputs, rope/masks per layer type and shared KV state",
         model_types=("gemma4_text", "gemma4"),
         architectures=("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
-        requires={"transformers": _versions.requirement()},
+        requires={"transformers": _versions.GATE.requirement},
     )
 
 
@@ -39,15 +39,14 @@ def load_model(source, settings):
 
 @hookimpl
 def fixed_attrs(model):
-    vision = _model.vision_blocks_path(model)
-    return {"block_groups": [[_model.text_blocks_path(model)]], "rebuilt_keys": _replay.REBUILT_KEYS,
-            "optional_groups": {"vision": [vision]} if vision else {}}
+    vision = _model.vision_blocks_path(model)   # the text blocks are the engine's default block group
+    return {"rebuilt_keys": _replay.REBUILT_KEYS, "optional_groups": {"vision": [vision]} if vision else {}}
 
 
 @hookimpl
 def patch_model(model):
     # the text model hands one shared_kv_states dict to every layer; accelerate would copy it per layer
-    pass_by_reference(_model.text_layers(model), "shared_kv_states")
+    pass_by_reference(list(_model.text_model(model).layers), "shared_kv_states")
 
 
 @hookimpl
@@ -77,7 +76,7 @@ def block_outputs(block, index, output, inputs, cached):
 
 @hookimpl
 def example_model():
-    return example_default()
+    return example_text(**DEFAULT_SIZES)
 
 
 @hookimpl

@@ -4,10 +4,9 @@ vision tower and its processor).  ``save(folder)`` writes a hub-like folder.
 """
 from __future__ import annotations
 
-import torch
-
 from blockquant import ExampleModel
-from blockquant.data.processors import assemble, save_processor_config
+from blockquant.data.processors import assemble
+from blockquant.kit.examples import padded_vocab, random_model, token_ids
 
 # Named special tokens of Gemma 4 tokenizers (transformers reads them as tokenizer.image_token etc.).
 IMAGE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
@@ -63,22 +62,14 @@ def example_text(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overri
     ``overrides`` are ``Gemma4TextConfig`` fields (e.g. ``hidden_size_per_layer_input=0``)."""
     from transformers import Gemma4ForCausalLM
 
-    torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(text_config(layers, kv_shared, **overrides)).eval()
-    tok = tokenizer()
-    name = f"tiny-gemma4-text-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
-    return ExampleModel.of(name, model, tok)
+    model = random_model(Gemma4ForCausalLM, text_config(layers, kv_shared, **overrides), seed)
+    return ExampleModel.of(f"tiny-gemma4-text-{layers}l" + (f"-kv{kv_shared}" if kv_shared else ""), model, tokenizer())
 
 
-# Widths of the example a no-model run quantizes: every linear layer's input a multiple of 128, so the
-# default scheme (W4A16, group size 128) quantizes all of them.
+# Widths of the example a no-model run quantizes (``example_model``): every linear layer's input a multiple
+# of 128, so the default scheme (W4A16, group size 128) quantizes all of them.
 DEFAULT_SIZES = dict(hidden_size=128, intermediate_size=256, head_dim=64, global_head_dim=128,
                      hidden_size_per_layer_input=128)
-
-
-def example_default(seed: int = SEED) -> ExampleModel:
-    """The example ``quant --adapter gemma4`` quantizes: ``example_text()`` at the widths above."""
-    return example_text(seed=seed, **DEFAULT_SIZES)
 
 
 def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None, **overrides):
@@ -86,20 +77,16 @@ def multimodal_config(layers: int = 4, kv_shared: int = 2, tok=None, **overrides
     from transformers import Gemma4Config, Gemma4VisionConfig
 
     tok = tok or tokenizer(multimodal=True)
-    vocab = -(-len(tok) // 8) * 8
     vision = Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=256,
     )
-    ids = {f"{name}_id": tok.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
-    return Gemma4Config(
-        text_config=text_config(layers, kv_shared, vocab_size=vocab, **overrides).to_dict(),
-        vision_config=vision.to_dict(),
-        image_token_id=ids["image_token_id"], boi_token_id=ids["boi_token_id"], eoi_token_id=ids["eoi_token_id"],
-        audio_token_id=ids["audio_token_id"], boa_token_id=ids["boa_token_id"],
-        eoa_token_index=tok.convert_tokens_to_ids(IMAGE_TOKENS["eoa_token"]),
-        video_token_id=tok.convert_tokens_to_ids(VIDEO_TOKEN),
-    )
+    ids = token_ids(tok, image_token_id=IMAGE_TOKENS["image_token"], boi_token_id=IMAGE_TOKENS["boi_token"],
+                    eoi_token_id=IMAGE_TOKENS["eoi_token"], audio_token_id=IMAGE_TOKENS["audio_token"],
+                    boa_token_id=IMAGE_TOKENS["boa_token"], eoa_token_index=IMAGE_TOKENS["eoa_token"],
+                    video_token_id=VIDEO_TOKEN)
+    return Gemma4Config(text_config=text_config(layers, kv_shared, vocab_size=padded_vocab(tok), **overrides).to_dict(),
+                        vision_config=vision.to_dict(), **ids)
 
 
 def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **overrides) -> ExampleModel:
@@ -108,13 +95,6 @@ def example_multimodal(layers: int = 4, kv_shared: int = 2, seed: int = SEED, **
     from transformers import Gemma4ForConditionalGeneration
 
     tok = tokenizer(multimodal=True)
-    torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(multimodal_config(layers, kv_shared, tok, **overrides)).eval()
+    model = random_model(Gemma4ForConditionalGeneration, multimodal_config(layers, kv_shared, tok, **overrides), seed)
     processor = assemble("Gemma4Processor", image_processor=image_processor(), tokenizer=tok)
-
-    def save(folder: str) -> None:
-        model.save_pretrained(folder)
-        save_processor_config(processor, folder)
-
-    name = f"tiny-gemma4-vision-{layers}l" + (f"-kv{kv_shared}" if kv_shared else "")
-    return ExampleModel(name=name, model=model, processor=processor, save=save)
+    return ExampleModel.of(f"tiny-gemma4-vision-{layers}l" + (f"-kv{kv_shared}" if kv_shared else ""), model, processor)

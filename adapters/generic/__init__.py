@@ -39,18 +39,14 @@ def tiny_config(kind: str = "llama", layers: int = 4, hidden: int = 64, vocab: i
 
 
 def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0) -> ExampleModel:
-    import torch
     from transformers import AutoModelForCausalLM
 
     from blockquant.data.tiny import tiny_tokenizer
+    from blockquant.kit.examples import random_model
 
-    torch.manual_seed(seed)
     config = tiny_config(kind, layers, hidden)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    tokenizer = tiny_tokenizer(config.vocab_size)
-    name = f"tiny-{kind}"
-
-    return ExampleModel.of(name, model, tokenizer)
+    model = random_model(AutoModelForCausalLM.from_config, config, seed)
+    return ExampleModel.of(f"tiny-{kind}", model, tiny_tokenizer(config.vocab_size))
 
 
 @hookimpl

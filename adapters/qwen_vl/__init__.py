@@ -1,7 +1,7 @@
 """blockquant adapter for Qwen2.5-VL and Qwen3-VL (``...ForConditionalGeneration``).
 
-- Blocks: the language model's decoder layers (``model.language_model.layers``); the vision tower's
-  blocks (``model.visual.blocks``) are the optional group ``vision`` (``--include_groups vision``).
+- Blocks: the language model's decoder layers (``model.language_model.layers``, found by the engine); the
+  vision tower's blocks (``model.visual.blocks``) are the optional group ``vision``.
 - Loading: the engine's; checkpoints with the older Qwen2.5-VL names (``model.layers.*``, ``visual.*``)
   load too, and the output uses today's names.
 - Calibration: the engine's image + text samples through the model's processor and chat template.
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from blockquant import AdapterInfo, hookimpl
 
 from . import replay as _replay
-from .example import example_default, example_qwen3, example_qwen25
+from .example import example_qwen3, example_qwen25
 
-TEXT_BLOCKS = "model.language_model.layers"
 VISION_BLOCKS = "model.visual.blocks"
 # Older Qwen2.5-VL checkpoints: model.{layers,embed_tokens,norm}.* and visual.* (regex -> today's name).
 CHECKPOINT_RENAMES = (
@@ -51,8 +50,7 @@ def adapter_info():
 
 @hookimpl
 def fixed_attrs(model):
-    return {
-        "block_groups": [[TEXT_BLOCKS]],
+    return {   # the text blocks (model.language_model.layers) are the engine's default block group
         "optional_groups": {"vision": [VISION_BLOCKS]},
         # Qwen2.5-VL window and full-attention vision blocks get different cu_seqlens: rebuilt per block.
         "rebuilt_keys": ("cu_seqlens", "max_seqlen"),
@@ -79,4 +77,4 @@ def block_outputs(block, index, output, inputs, cached, ctx):
 
 @hookimpl
 def example_model():
-    return example_default()
+    return example_qwen25(width=128)   # every text layer's input a multiple of the default group size

@@ -25,11 +25,6 @@ TEXT_SUFFIX = "language_model.layers"
 VISION_SUFFIX = "visual.blocks"
 
 
-def inner_model(model):
-    """The ``Qwen*VLModel`` inside a ``...ForConditionalGeneration`` (or the model itself)."""
-    return getattr(model, "model", model)
-
-
 def _cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     """Cumulative patch counts of each frame of each image (full attention within an image)."""
     try:
@@ -57,7 +52,7 @@ def register_capture_hooks(model, calibration, vision: bool = True) -> None:
     """Record, during capture, what replay needs (see the module docstring).
 
     ``vision``: whether vision blocks are quantized (only then are their cu_seqlens recorded)."""
-    inner = inner_model(model)
+    inner = getattr(model, "model", model)       # the Qwen*VLModel inside ...ForConditionalGeneration
     visual = getattr(inner, "visual", None)
     if vision and visual is not None and getattr(visual, "fullatt_block_indexes", None):
         full_blocks = tuple(int(i) for i in visual.fullatt_block_indexes)

@@ -7,7 +7,7 @@ the folder's own processor class (named by ``processor_class`` in its processor_
 preprocessor_config.json) from the parts that load - the tokenizer and the image processor, the
 Pillow variant where the default one needs torchvision - with the other parts left out.  Where
 torchvision is installed, ``AutoProcessor`` loads the processor unchanged.  Folders written for
-tests record the real ``processor_class`` for that reason (``save_processor_config``).
+tests record the real ``processor_class`` for that reason (an assembled processor's ``save_pretrained``).
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def read_chat_template(folder: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def partial_class(processor_class: str):
-    """A subclass of the transformers processor ``processor_class`` whose parts may be None."""
+    """A subclass of the transformers processor ``processor_class`` whose parts may be None, and whose
+    ``save_pretrained`` writes what ``load_processor`` needs to rebuild it (``save_parts``)."""
     base = getattr(transformers, processor_class)
 
     def check_argument_for_proper_class(self, attribute_name, arg):
@@ -66,8 +67,11 @@ def partial_class(processor_class: str):
             return None
         return base.check_argument_for_proper_class(self, attribute_name, arg)
 
+    def save_pretrained(self, folder, **kwargs):
+        save_parts(self, processor_class, folder)
+
     return type(f"{processor_class}Partial", (base,), {
-        "check_argument_for_proper_class": check_argument_for_proper_class,
+        "check_argument_for_proper_class": check_argument_for_proper_class, "save_pretrained": save_pretrained,
         "__doc__": f"{processor_class} built from the parts that load without torchvision.",
     })
 
@@ -121,15 +125,14 @@ def load_processor(folder: str):
     return assemble(declared, read_chat_template(folder), image_processor=image_processor, tokenizer=tokenizer)
 
 
-def save_processor_config(processor, folder: str) -> None:
-    """Write what ``load_processor`` needs to rebuild ``processor`` in ``folder`` when ``save_pretrained``
-    cannot run (a processor assembled without some parts): the tokenizer, the image processor, and a
-    processor_config.json naming the real class with the processor's own settings."""
+def save_parts(processor, processor_class: str, folder: str) -> None:
+    """Write an assembled processor where ``save_pretrained`` of the real class cannot run (some parts are
+    missing): the tokenizer, the image processor, and a processor_config.json naming the real class
+    ``processor_class`` with the processor's own settings."""
     os.makedirs(folder, exist_ok=True)
     processor.tokenizer.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
-    real = type(processor).__mro__[1].__name__ if type(processor).__name__.endswith("Partial") else type(processor).__name__
-    config = {"processor_class": real}
+    config = {"processor_class": processor_class}
     for key in ("image_seq_length", "patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"):
         if isinstance(getattr(processor, key, None), (int, str)):
             config[key] = getattr(processor, key)

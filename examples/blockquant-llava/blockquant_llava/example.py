@@ -1,9 +1,8 @@
 """A tiny random LLaVA (CLIP vision tower + Llama text model) and its processor, built offline."""
 from __future__ import annotations
 
-import os
-
 from blockquant import ExampleModel
+from blockquant.kit.examples import random_model
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH = 32, 8      # 16 patches + the CLS token = 17 image tokens per image
@@ -38,18 +37,10 @@ def tiny_config(vocab_size: int, image_token_id: int, layers: int = 4):
 
 
 def build_example(layers: int = 4, seed: int = 0) -> ExampleModel:
-    import torch
     from transformers import LlavaForConditionalGeneration
 
     processor = build_processor()
     tokenizer = processor.tokenizer
-    torch.manual_seed(seed)
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), layers)
-    model = LlavaForConditionalGeneration(config).eval()
-
-    def save(folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-
-    return ExampleModel(name="tiny-llava", model=model, processor=processor, save=save)
+    model = random_model(LlavaForConditionalGeneration, config, seed)
+    return ExampleModel.of("tiny-llava", model, processor)
