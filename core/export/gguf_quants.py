@@ -49,8 +49,20 @@ def block_type(gtype: str, in_features: int) -> str | None:
     return gtype if in_features % REQUIREMENTS[gtype][3] == 0 else None
 
 
+ENCODE_WEIGHTS = 1 << 22   # weights encoded at a time: the int32/float32 temporaries stay ~100 MiB
+
+
 def encode(qw, gtype: str) -> torch.Tensor:
-    """uint8 [out, bytes per row]: the rows of ``qw`` (a QuantizedWeight) as GGUF ``gtype`` blocks."""
+    """uint8 [out, bytes per row]: the rows of ``qw`` (a QuantizedWeight) as GGUF ``gtype`` blocks, encoded
+    a chunk of rows at a time (rows are independent: the bytes do not depend on the chunking)."""
+    out, n = qw.qweight.shape
+    step = max(1, ENCODE_WEIGHTS // max(n, 1))
+    if step >= out:
+        return _encode_rows(qw, gtype)
+    return torch.cat([_encode_rows(qw.rows(first, first + step), gtype) for first in range(0, out, step)])
+
+
+def _encode_rows(qw, gtype: str) -> torch.Tensor:
     if gtype in K_TYPES:
         return encode_k(qw, gtype)
     out, n = qw.qweight.shape
