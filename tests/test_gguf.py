@@ -168,3 +168,20 @@ def test_gemma4_refuses_gguf_before_tuning(tmp_path):
         api.quantize(example_folder("gemma4"), adapter="gemma4", iters=0, nsamples=2, seqlen=16, bits=4, group_size=32,
                      format="gguf:q4_0", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_chunked_writing_and_encoding_give_the_same_file(tiny_folder, tmp_path, monkeypatch):
+    """Tensors outside the blocks are read and converted a row chunk at a time (the embedding is never
+    whole in memory) and quantized layers encoded a chunk of rows at a time: the bytes do not change."""
+    import blockquant.export.gguf_output as gguf_output
+    import blockquant.export.gguf_quants as gguf_quants
+
+    def run(out):
+        api.quantize(tiny_folder("qwen3"), adapter="generic", iters=0, nsamples=2, seqlen=16, bits=4, group_size=32,
+                     sym=False, format="gguf:q4_1", output_dir=str(out))
+        return (out / "model-Q4_1.gguf").read_bytes()
+
+    whole = run(tmp_path / "whole")
+    monkeypatch.setattr(gguf_output, "CHUNK_BYTES", 1000)     # 7 embedding rows of 64 F16 values at a time
+    monkeypatch.setattr(gguf_quants, "ENCODE_WEIGHTS", 300)   # 4 rows of 64 weights at a time
+    assert run(tmp_path / "chunked") == whole
