@@ -6,6 +6,8 @@ import pytest
 from fixture_adapters import register
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers >= 5.25 kernelizes models in from_pretrained by default (hub kernels: a download); tests never do
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 register()   # tests/packages/* for this run only: never installed into the environment
 
 

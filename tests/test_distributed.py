@@ -70,8 +70,12 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
         if not seen:
             seen.update({n: p.grad.clone() for n, p in zip(names, params)})
 
-    tune_block(layers, run.settings.scheme, loss_fn, len(streams), iters=2, lr=0.5, minmax_lr=0.5, batch_size=4,
-               gradient_accumulate_steps=1, seed=0, reduce_grads=reduce_grads)
+    # one mini-batch of every sample: under a process group each rank draws all it holds (its share)
+    held, batch = None, len(streams)
+    if run.dp:
+        held, batch = run.dp.sampling([i for i, s in enumerate(streams) if s is not None], len(streams))
+    tune_block(layers, run.settings.scheme, loss_fn, len(streams), iters=2, lr=0.5, minmax_lr=0.5, batch_size=batch,
+               gradient_accumulate_steps=1, seed=0, reduce_grads=reduce_grads, samples=held)
     held = sum(s is not None for s in streams)
     assert held < len(streams) if run.dp else held == len(streams)
     if out:
@@ -88,6 +92,10 @@ RESUME = dict(adapter="generic", iters=15, nsamples=2, seqlen=16, batch_size=2, 
 
 def _on_each_rank(rank, work: str, generic: str, gemma: str, four_blocks: str):
     from blockquant.errors import UsageError
+
+    dp = distributed.start(torch.device("cpu"))
+    held = list(range(rank, 8, 2)) + ([9] if rank == 0 else [])     # rank 0 holds 5 samples, rank 1 holds 4
+    torch.save({batch: dp.sampling(held, batch)[1] for batch in (1, 2, 4, 8, 9, 20)}, os.path.join(work, f"shares.{rank}"))
 
     api.quantize(four_blocks, output_dir=os.path.join(work, "uninterrupted"), **RESUME)
     _first_block_gradients(generic, os.path.join(work, f"grads.{rank}"))
@@ -109,6 +117,15 @@ def two_ranks(tiny_folder, tmp_path_factory):
     generic = tiny_folder("llama", 2, 64)
     _ranks(_on_each_rank, work, work, generic, gemma, tiny_folder("llama", 4, 64))
     return work, generic, example, gemma
+
+
+def test_each_rank_draws_its_share_of_a_mini_batch(two_ranks):
+    """A mini-batch is split in proportion to the samples each rank holds (5 and 4 here), at least one
+    each, never more than a rank holds; the shares add up to the batch size."""
+    work = two_ranks[0]
+    shares = [torch.load(os.path.join(work, f"shares.{rank}")) for rank in range(RANKS)]
+    got = {batch: (shares[0][batch], shares[1][batch]) for batch in shares[0]}
+    assert got == {1: (1, 1), 2: (1, 1), 4: (2, 2), 8: (4, 4), 9: (5, 4), 20: (5, 4)}
 
 
 def test_all_reduced_gradient_equals_single_process(two_ranks):

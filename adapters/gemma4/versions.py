@@ -81,7 +81,7 @@ def probe() -> Probe:
 
 LAYOUTS = {("dict", "index"): BY_INDEX, ("dict", "type"): BY_TYPE_DICT, ("KVSharingDict", "type"): BY_TYPE}
 GATE = LayoutGate(
-    "gemma4", "transformers", oldest="5.5.4", newest_tested="5.24.0", known=LAYOUTS, what="shared-KV layout",
+    "gemma4", "transformers", oldest="5.5.4", newest_tested="5.25.0", known=LAYOUTS, what="shared-KV layout",
     refused={(None, None): "its KV-shared layers receive no shared_kv_states and read keys/values from the cache "
                            "only, so the model's output changes with use_cache and block-by-block replay cannot "
                            "reproduce it"})

@@ -63,6 +63,7 @@ def tune_block(
     log=None,
     reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    samples: list[int] | None = None,
 ) -> TuneResult:
     """Tune and quantize the nn.Linear ``layers`` of one block in place; see the module docstring.
 
@@ -73,6 +74,8 @@ def tune_block(
     ``reduce_grads(params)``: called before each step to combine the parameters' gradients in place
     (data-parallel runs: the sum over ranks); the steps then follow the backward, not its hooks.
     ``progress(iterations_done, loss)`` is called after every iteration (e.g. a rate-limited log line).
+    ``samples``: the indices the mini-batches are drawn from (default: all ``nsamples``; a data-parallel
+    rank passes the ones it holds, and its share of the batch as ``batch_size``).
     """
     start = time.perf_counter()
     if iters < 0 or nsamples <= 0 or batch_size <= 0 or gradient_accumulate_steps <= 0:
@@ -85,7 +88,8 @@ def tune_block(
     try:
         for name, layer in layers.items():
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
-        run = _Run(states, loss_fn, nsamples, batch_size, gradient_accumulate_steps, seed)
+        run = _Run(states, loss_fn, samples if samples is not None else nsamples, batch_size,
+                   gradient_accumulate_steps, seed)
         run.reduce_grads = reduce_grads
         first_loss, best_loss, best_iter, iters_run, fell_back = run.tune(iters, lr, minmax_lr, log, progress)
     except BaseException:
@@ -120,11 +124,11 @@ def _rtn(layers: dict[str, torch.nn.Linear], scheme: QuantScheme) -> dict[str, Q
 class _Run:
     """One tuning run: index sampling, the iteration loop and the SignSGD step."""
 
-    def __init__(self, states, loss_fn, nsamples, batch_size, accumulate, seed):
+    def __init__(self, states, loss_fn, samples, batch_size, accumulate, seed):
         self.states = list(states.values())
         self.loss_fn = loss_fn
-        self.nsamples = nsamples
-        self.batch = min(batch_size, nsamples)
+        self.samples = samples        # the number of samples, or the list of indices drawn from
+        self.batch = min(batch_size, samples if isinstance(samples, int) else len(samples))
         self.accumulate = accumulate
         self.generator = torch.Generator().manual_seed(seed)
         self.best_loss: float | None = None
@@ -139,7 +143,10 @@ class _Run:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
         (a fresh one each iteration, and whenever the rest is shorter than a batch)."""
         if len(self._perm) < self.batch:
-            self._perm = torch.randperm(self.nsamples, generator=self.generator).tolist()
+            if isinstance(self.samples, int):
+                self._perm = torch.randperm(self.samples, generator=self.generator).tolist()
+            else:
+                self._perm = [self.samples[i] for i in torch.randperm(len(self.samples), generator=self.generator).tolist()]
         out, self._perm = self._perm[:self.batch], self._perm[self.batch:]
         return out
 

@@ -2,11 +2,14 @@
 
 Every rank holds the current block.  The calibration samples are sharded at capture: rank r runs the
 calibration batches r, r+N, r+2N, ... and keeps the samples they produce.  The run's per-sample lists
-keep the single-process numbering, with None in the places of the other ranks' samples, so tuning
-draws the same mini-batches as one process and each rank runs the part it holds (``Replayer.run``).
-The loss of a mini-batch is the global mean (``mean_loss``): each rank's squared-error sum over the
-global element count, so the summed gradients (``reduce_grads``) are the single-process gradient, and
-every rank takes the same SignSGD step on identical parameters.  Rank 0 writes the checkpoint.
+keep the single-process numbering, with None in the places of the other ranks' samples (``Replayer.run``
+skips those).  Each iteration's mini-batch is the union of every rank's draw from the samples it holds,
+a share of the batch size proportional to them (``sampling``): every rank runs about batch/N samples,
+where a mini-batch drawn from all samples would leave some ranks idle while one runs several.  The loss
+of a mini-batch is the global mean (``mean_loss``): each rank's squared-error sum over the global
+element count, so the summed gradients (``reduce_grads``) are the gradient one process computes on the
+same samples, and every rank takes the same SignSGD step on identical parameters.  Rank 0 writes the
+checkpoint.
 
 Backends: gloo for CPU tensors, NCCL for CUDA tensors (each rank takes ``cuda:LOCAL_RANK``).
 """
@@ -85,6 +88,14 @@ class DataParallel:
         return out
 
     # --- tuning ---------------------------------------------------------------------------------
+    def sampling(self, held: list[int], batch: int) -> tuple[list[int], int]:
+        """What this rank draws its part of each mini-batch from (``held``: the samples it holds) and how
+        many (``split_batch`` of the ranks' sample counts)."""
+        counts = torch.zeros(self.size, dtype=torch.float64)
+        counts[self.rank] = len(held)
+        tdist.all_reduce(counts)
+        return held, split_batch(batch, [int(c) for c in counts.tolist()])[self.rank]
+
     def mean_loss(self, sse: torch.Tensor | None, count: int, stop: bool = False) -> tuple[torch.Tensor, bool]:
         """The mini-batch's global mean squared error from this rank's sum ``sse`` over ``count``
         elements (None: no sample here), and whether any rank passed ``stop``.  The loss's value is
@@ -145,6 +156,17 @@ class DataParallel:
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def split_batch(batch: int, counts: list[int]) -> list[int]:
+    """Each rank's part of a mini-batch of ``batch`` samples when the ranks hold ``counts`` samples: in
+    proportion to them (largest remainders, ties to the lower rank), at least one each, never more
+    than a rank holds; the parts add up to ``batch`` when every rank holds enough."""
+    quotas = [batch * c / max(sum(counts), 1) for c in counts]
+    shares = [int(q) for q in quotas]
+    for r in sorted(range(len(counts)), key=lambda r: (shares[r] - quotas[r], r))[:batch - sum(shares)]:
+        shares[r] += 1
+    return [max(1, min(share, held)) for share, held in zip(shares, counts)]
 
 
 def _reduce_flat(tensors: list[torch.Tensor]) -> None:
