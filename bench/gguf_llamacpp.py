@@ -1,7 +1,7 @@
 """GGUF in llama.cpp: does llama.cpp run blockquant's GGUF files as blockquant means them, and does
 AutoRound beat RTN for the same GGUF type?
 
-    python bench/gguf_llamacpp.py [--kind llama|qwen3] [--layers 4] [--hidden 256] [--iters 100] [--types q4_0,q4_1,q8_0,q4_k]
+    python bench/gguf_llamacpp.py [--kind llama|qwen3] [--layers 4] [--hidden 256] [--iters 100] [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k,q6_k]
 
 For each GGUF type, a tiny random model (built offline) is quantized twice, RTN (iters 0) and AutoRound
 (--iters), straight to ``gguf:TYPE``.  Then, on held-out token ids:
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GROUPS = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True), "q4_k": (4, False)}
+from blockquant.config import GGUF_TYPES
 
 
 def gguf_model(source: str, path: str, layout):
@@ -77,7 +77,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--types", default="q4_0,q4_1,q8_0,q4_k")
+    p.add_argument("--types", default=",".join(GGUF_TYPES))
     p.add_argument("--heldout", type=int, default=512, help="held-out tokens")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +87,7 @@ def main() -> int:
     from blockquant.frame import plugins
     from blockquant.data.corpus import stdlib_paragraphs
     from blockquant.adapters.generic import build_example
+    from blockquant.export.gguf_quants import REQUIREMENTS
 
     have_llama = importlib.util.find_spec("llama_cpp") is not None
     if not have_llama:
@@ -95,7 +96,7 @@ def main() -> int:
     source = os.path.join(work, "model")
     build_example(args.kind, args.layers, args.hidden).save(source)
     fp = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    layout = plugins.run_manager(plugins.get_adapter("generic")).hook.gguf_layout(model=fp)
+    layout = plugins.run_manager(plugins.get_adapter("generic")).hook.gguf_layout(model=fp, ctx=None)
     tok = AutoTokenizer.from_pretrained(source)
     ids = tok("\n\n".join(stdlib_paragraphs("heldout")), return_tensors="pt").input_ids[:, :args.heldout]
     with torch.no_grad():
@@ -105,12 +106,12 @@ def main() -> int:
           f"AutoRound {args.iters} iters, {args.nsamples} x {args.seqlen} calibration")
     print(f"{'type':<6}{'KL RTN':>10}{'KL AutoRound':>14}{'AR/RTN':>8}{'llama.cpp rel err':>19}  generation (AutoRound file)")
     for gtype in args.types.split(","):
-        bits, sym = GROUPS[gtype]
+        bits, group_size, sym, _ = REQUIREMENTS[gtype]
         row = {}
         for label, iters in (("rtn", 0), ("ar", args.iters)):
             out = os.path.join(work, f"{gtype}-{label}")
             api.quantize(source, adapter="generic", iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                         batch_size=8, bits=bits, group_size=32, sym=sym, format=f"gguf:{gtype}", output_dir=out)
+                         batch_size=8, bits=bits, group_size=group_size, sym=sym, format=f"gguf:{gtype}", output_dir=out)
             path = os.path.join(out, f"model-{gtype.upper()}.gguf")
             ref = gguf_model(source, path, layout)
             with torch.no_grad():
@@ -121,7 +122,7 @@ def main() -> int:
                 row["cpp"] = float((cpp - ref_logits).norm() / ref_logits.norm())
                 row["text"] = text
         cpp = f"{row['cpp']:.2e}" if "cpp" in row else "-"
-        print(f"{gtype:<6}{row['rtn']:>10.5f}{row['ar']:>14.5f}{row['ar'] / row['rtn']:>8.2f}{cpp:>19}  "
+        print(f"{gtype:<6}{row['rtn']:>10.3e}{row['ar']:>14.3e}{row['ar'] / row['rtn']:>8.2f}{cpp:>19}  "
               f"{row.get('text', '-')!r}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0

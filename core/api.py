@@ -40,6 +40,7 @@ def quantize(model: str | None = None, adapter: str | None = None, **kwargs):
 
 def verify(model: str | None = None, adapter: str | None = None, **kwargs):
     """Replay the blocks with quantization off and compare with the model's own forward."""
+    explicit = kwargs.pop("explicit", tuple(kwargs))    # like `quant verify`: an example run fills in the rest
     kwargs.setdefault("nsamples", 2)
     kwargs.setdefault("seqlen", 64)
-    return run_verify(model, adapter, make_settings(**kwargs))
+    return run_verify(model, adapter, make_settings(explicit=explicit, **kwargs))

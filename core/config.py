@@ -13,7 +13,7 @@ SCHEMES = {
     "W8A16": dict(bits=8, group_size=128, sym=True),
 }
 FORMATS = ("auto_round", "auto_gptq", "compressed-tensors", "fake")
-GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q4_k")   # --format gguf:TYPE
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k", "q6_k")   # --format gguf:TYPE
 
 
 def parse_formats(text: str) -> list[str]:
@@ -50,8 +50,8 @@ class QuantScheme:
     data_type: str = "int"
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise UsageError(f"--bits {self.bits} is not supported; use 2, 3, 4 or 8")
+        if self.bits not in (2, 3, 4, 6, 8):
+            raise UsageError(f"--bits {self.bits} is not supported; use 2, 3, 4, 8 or 6 (--format gguf:q6_k only)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise UsageError(
                 f"--group_size {self.group_size} is invalid; use -1 (per channel) or a positive multiple of 8 "

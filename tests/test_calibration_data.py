@@ -17,7 +17,7 @@ from blockquant.data.calibration_data import (
 )
 from blockquant.config import RunSettings
 from blockquant.errors import DataError
-from blockquant.data.tiny import _trained_json, tiny_tokenizer, write_tokenizer
+from blockquant.data.tiny import _family_model, _trained_json, tiny_tokenizer, write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +58,17 @@ def test_corpus_splits_are_disjoint_and_deterministic():
         corpus.stdlib_paragraphs("validation")
 
 
-def test_corpus_and_tokenizer_identical_in_a_fresh_process(tok):
+FAMILIES = ("Qwen2Tokenizer", "GemmaTokenizer", "LlamaTokenizer")   # byte-level and byte-fallback BPE classes
+
+
+def test_corpus_and_tokenizers_identical_in_a_fresh_process(tok):
     code = (
-        "import hashlib, json\n"
+        f"import hashlib, json\nFAMILIES = {FAMILIES!r}\n"
         "from blockquant.data.corpus import stdlib_paragraphs\n"
-        "from blockquant.data.tiny import _trained_json\n"
+        "from blockquant.data.tiny import _family_model, _trained_json\n"
         "h = hashlib.sha256(json.dumps([stdlib_paragraphs('train'), stdlib_paragraphs('heldout')]).encode())\n"
         "print(h.hexdigest(), hashlib.sha256(_trained_json(512).encode()).hexdigest())\n"
+        "print(*(hashlib.sha256(_family_model(c, 512).encode()).hexdigest() for c in FAMILIES))\n"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -72,7 +76,8 @@ def test_corpus_and_tokenizer_identical_in_a_fresh_process(tok):
 
     here = hashlib.sha256(json.dumps([corpus.stdlib_paragraphs("train"),
                                       corpus.stdlib_paragraphs("heldout")]).encode()).hexdigest()
-    assert out.stdout.split() == [here, hashlib.sha256(_trained_json(512).encode()).hexdigest()]
+    families = [hashlib.sha256(_family_model(c, 512).encode()).hexdigest() for c in FAMILIES]
+    assert out.stdout.split() == [here, hashlib.sha256(_trained_json(512).encode()).hexdigest()] + families
 
 
 # ----------------------------------------------------------------------------- tiny tokenizer

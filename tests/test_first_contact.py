@@ -54,6 +54,17 @@ def test_fixture_adapters_are_registered_for_the_tests_only():
     assert {"generic", "gemma4", "qwen_vl", "flux"} <= listed and not listed & {"broken", "demo", "t5", "wrong_replay"}
 
 
+def test_import_from_the_clones_parent_folder(tmp_path):
+    """There the clone is a folder named blockquant (no __init__.py) in the current directory; the editable
+    install (scripts/setup) still wins over it."""
+    (tmp_path / "blockquant" / "core").mkdir(parents=True)
+    code = "import blockquant; print(blockquant.quantize.__module__, blockquant.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    module, path = out.stdout.split()
+    assert module == "blockquant.api" and not path.startswith(str(tmp_path))
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])

@@ -55,7 +55,8 @@ def test_multimodal_example_processes_an_image_and_reloads(saved):
     with torch.no_grad():
         logits = example.model(**batch, use_cache=False).logits
     loaded = load_processor(folder)     # no torchvision here: assembled from its parts
-    assert type(loaded).__name__ == "Gemma4ProcessorPartial"
+    assert type(loaded).__name__ == "Gemma4ProcessorPartial" and type(loaded.tokenizer).__name__ == "GemmaTokenizer"
+    assert loaded.tokenizer.image_token == "<|image|>" and loaded.tokenizer.bos_token == "<bos>"
     again = loaded(text=["<|image|> a red circle"], images=[[image]], return_tensors="pt")
     assert all(torch.equal(again[k], batch[k]) for k in batch)
     reloaded = transformers.Gemma4ForConditionalGeneration.from_pretrained(folder).eval()

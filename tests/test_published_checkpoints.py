@@ -34,11 +34,58 @@ def test_published_folder_is_sharded_bf16_with_index(qwen3_bf16):
     assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert not os.path.exists(os.path.join(qwen3_bf16, "model.safetensors"))
     assert json.load(open(os.path.join(qwen3_bf16, "config.json")))["dtype"] == "bfloat16"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_bf16)   # Qwen3's class and special tokens: no bos
+    assert type(tok).__name__ == "Qwen2Tokenizer" and (tok.bos_token, tok.eos_token) == (None, "<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def builtin_bf16(tmp_path_factory):
+    """builtin_bf16(adapter) -> the adapter's example saved as a bf16 sharded folder (once per module)."""
+    cache = {}
+    return lambda adapter: cache.get(adapter) or cache.setdefault(adapter, _published(tmp_path_factory, adapter))
+
+
+# The tokenizer classes the families publish: (folder inside the model, class, special tokens).  Llama 3
+# ships its byte-level BPE in the plain fast class, which transformers 5 saves and loads as TokenizersBackend.
+FAMILY_TOKENIZERS = {
+    "generic": [("", "TokenizersBackend", {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})],
+    "gemma4": [("", "GemmaTokenizer", {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"})],
+    "qwen_vl": [("", "Qwen2Tokenizer", {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})],
+    "flux": [("tokenizer", "CLIPTokenizer", {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}),
+             ("tokenizer_2", "T5Tokenizer", {"eos_token": "</s>", "pad_token": "<pad>"})],
+}
+
+
+def _check_tokenizers(folder: str, adapter: str) -> None:
+    from transformers import AutoTokenizer
+
+    for sub, class_name, specials in FAMILY_TOKENIZERS[adapter]:
+        path = os.path.join(folder, sub)
+        assert json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"] == class_name
+        tok = AutoTokenizer.from_pretrained(path)
+        assert type(tok).__name__ == class_name
+        assert {key: getattr(tok, key) for key in specials} == specials
+        ids = tok("the return value")["input_ids"]
+        assert (ids[0] == tok.bos_token_id) == (specials.get("bos_token") is not None)   # bos added where it exists
+        assert tok.decode(ids, skip_special_tokens=True).strip() == "the return value"
 
 
 @pytest.mark.parametrize("adapter", ["generic", "gemma4", "qwen_vl", "flux"])
-def test_verify_bf16_sharded_folder_for_every_builtin_adapter(tmp_path_factory, adapter, capsys):
-    folder = _published(tmp_path_factory, adapter)
+def test_every_builtin_example_has_its_family_tokenizer_and_quantizes(builtin_bf16, adapter, tmp_path):
+    folder = builtin_bf16(adapter)
+    _check_tokenizers(folder, adapter)
+    out = str(tmp_path / "out")
+    steps = ["--set", "num_inference_steps=2"] if adapter == "flux" else []
+    assert main(["quantize", folder, "--adapter", adapter, "--iters", "1", "--nsamples", "2", "--seqlen", "32",
+                 "--batch_size", "2", "-o", out] + steps) == 0
+    _check_tokenizers(out, adapter)   # the quantized folder carries the same tokenizer
+
+
+@pytest.mark.parametrize("adapter", ["generic", "gemma4", "qwen_vl", "flux"])
+def test_verify_bf16_sharded_folder_for_every_builtin_adapter(builtin_bf16, adapter, capsys):
+    folder = builtin_bf16(adapter)
     weights = os.path.join(folder, "transformer" if adapter == "flux" else "")
     assert any(f.endswith(".safetensors.index.json") for f in os.listdir(weights))
     steps = ["--set", "num_inference_steps=2"] if adapter == "flux" else []

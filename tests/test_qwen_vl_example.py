@@ -43,6 +43,7 @@ def test_example_saves_a_folder_that_reloads(tmp_path, build, cls, model_type):
     # the processor loads back from the folder (assembled from its parts: no torchvision here)
     loaded = load_processor(str(tmp_path))
     assert loaded.chat_template == example.processor.chat_template
+    assert type(loaded.tokenizer).__name__ == "Qwen2Tokenizer" and "<s>" not in loaded.tokenizer.get_vocab()
     again = _inputs(loaded)
     assert again.keys() == batch.keys()
     assert all(torch.equal(again[k], batch[k]) for k in batch)

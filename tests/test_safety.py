@@ -290,7 +290,8 @@ def fake_adapters(tmp_path, monkeypatch):
         "from blockquant import AdapterInfo, hookimpl\n\n"
         "@hookimpl\ndef adapter_info():\n    return AdapterInfo(name='raiser', model_types=('llama',))\n\n"
         "@hookimpl\ndef calibration_batches(model, source, settings):\n    return helper()\n\n"
-        "def helper():\n    raise ValueError('boom in the adapter')\n")
+        "def helper():\n    raise ValueError('boom in the adapter')\n\n"
+        "@hookimpl\ndef example_model():\n    raise ImportError('No module named fakelib')\n")
     (tmp_path / "bq_optioned.py").write_text(
         "from dataclasses import dataclass\nfrom blockquant import AdapterInfo, hookimpl\n\n"
         "@dataclass\nclass Options:\n    flavour: str = 'plain'\n\n"
@@ -328,6 +329,12 @@ def test_raising_hook_is_one_line_naming_adapter_and_hook(fake_adapters, model, 
             model, out)
     rc, err = main(argv + ["--verbose"], capsys)
     assert rc == 1 and "Traceback" in err and "def helper" not in err and "in helper" in err
+
+
+def test_raising_example_model_is_one_line(fake_adapters, model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    refused(["-o", out, "--adapter", "raiser", "--iters", "0"], capsys, 1,
+            "adapter 'raiser' failed in hook example_model: ImportError: No module named fakelib", model, out)
 
 
 # ------------------------------------------------------------------ smaller input errors

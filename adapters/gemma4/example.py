@@ -25,27 +25,20 @@ def text_config(layers: int = 4, kv_shared: int = 2, vocab_size: int = 512, **ov
         num_hidden_layers=layers, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
         hidden_size_per_layer_input=32, num_kv_shared_layers=kv_shared, max_position_embeddings=4096,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,   # GemmaTokenizer's ids
     )
     values.update(overrides)
     return Gemma4TextConfig(**values)
 
 
 def tokenizer(multimodal: bool = False):
-    """The tiny byte-level BPE tokenizer; with ``multimodal``, Gemma 4's named image/audio tokens too."""
-    from transformers import PreTrainedTokenizerFast
+    """A ``GemmaTokenizer`` trained offline by the core; with ``multimodal``, Gemma 4's named media tokens too."""
+    from blockquant.data.tiny import family_tokenizer
 
-    from blockquant.data.tiny import tiny_tokenizer
-
-    base = tiny_tokenizer(512)
-    if not multimodal:
-        return base
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, bos_token=base.bos_token, eos_token=base.eos_token,
-        pad_token=base.pad_token, unk_token=base.unk_token, extra_special_tokens=dict(IMAGE_TOKENS),
-        model_max_length=base.model_max_length,
-    )
-    tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+    named = dict(IMAGE_TOKENS) if multimodal else None
+    tok = family_tokenizer("GemmaTokenizer", 512, add_bos_token=True, extra_special_tokens=named)
+    if multimodal:
+        tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
     return tok
 
 

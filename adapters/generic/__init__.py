@@ -24,11 +24,31 @@ def adapter_info():
     )
 
 
-def tiny_config(kind: str = "llama", layers: int = 4, hidden: int = 64, vocab: int = 512):
-    """A tiny config of a standard decoder-only family ("llama" or "qwen3")."""
+# The tokenizer class each family publishes and its special tokens (Llama 3: byte-level BPE in the plain fast
+# class, bos added; Qwen3: Qwen2Tokenizer, no bos, <|endoftext|> and the chat markers), trained offline by the core.
+TOKENIZERS = {
+    "llama": ("PreTrainedTokenizerFast", dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                              add_bos_token=True)),
+    "qwen3": ("Qwen2Tokenizer", dict(additional_special_tokens=["<|im_start|>", "<|im_end|>"])),
+}
+
+
+def tiny_tokenizer(kind: str = "llama", vocab: int = 512):
+    """The family's tokenizer class with its special tokens, at most ``vocab`` tokens (16 model rows spare)."""
+    from blockquant.data.tiny import family_tokenizer
+
+    class_name, specials = TOKENIZERS[kind]
+    return family_tokenizer(class_name, vocab - 16, **specials)
+
+
+def tiny_config(kind: str = "llama", layers: int = 4, hidden: int = 64, vocab: int = 512, tokenizer=None):
+    """A tiny config of a standard decoder-only family ("llama" or "qwen3"); special token ids from ``tokenizer``."""
+    tokenizer = tokenizer or tiny_tokenizer(kind, vocab)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
+                  bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+                  eos_token_id=tokenizer.eos_token_id,   # no bos token (Qwen): the config names eos, as Qwen's do
+                  pad_token_id=tokenizer.pad_token_id)
     if kind == "qwen3":
         from transformers import Qwen3Config
 
@@ -41,12 +61,12 @@ def tiny_config(kind: str = "llama", layers: int = 4, hidden: int = 64, vocab: i
 def build_example(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0) -> ExampleModel:
     from transformers import AutoModelForCausalLM
 
-    from blockquant.data.tiny import tiny_tokenizer
     from blockquant.kit.examples import random_model
 
-    config = tiny_config(kind, layers, hidden)
+    tokenizer = tiny_tokenizer(kind)
+    config = tiny_config(kind, layers, hidden, tokenizer=tokenizer)
     model = random_model(AutoModelForCausalLM.from_config, config, seed)
-    return ExampleModel.of(f"tiny-{kind}", model, tiny_tokenizer(config.vocab_size))
+    return ExampleModel.of(f"tiny-{kind}", model, tokenizer)
 
 
 @hookimpl

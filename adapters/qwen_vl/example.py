@@ -32,7 +32,7 @@ def tiny_tokenizer():
     """A ``Qwen2Tokenizer`` (byte-level BPE) with the Qwen chat and vision special tokens."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = bpe_vocab_and_merges(BPE_SIZE)
+    vocab, merges = bpe_vocab_and_merges(BPE_SIZE, "Qwen2Tokenizer")   # trained with its own pipeline
     return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                           additional_special_tokens=list(SPECIAL_TOKENS[1:]))
 

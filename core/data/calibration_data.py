@@ -67,7 +67,7 @@ def load_texts(spec) -> list[str]:
 def _nonempty(texts: list[str], what: str) -> list[str]:
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise DataError(f"{what} holds no text; pass data with at least one non-blank text: {LOCAL_HINT}")
+        raise DataError(f"{what} holds no text; {LOCAL_HINT} (with at least one non-blank text)")
     return texts
 
 

@@ -6,8 +6,10 @@ layers as GGUF blocks, see gguf_quants.py; norms and biases F32; other 2-D tenso
 llama.cpp's converter writes them) and staged in a resumable ShardWriter folder
 (``.gguf-staging``).  ``finish`` writes the header, metadata (the adapter's ``gguf_layout``, the
 general.* keys, the tokenizer) and tensor table, then streams the tensors one at a time: the staged
-blocks, then the tensors outside the blocks (embeddings, final norm, output head) read one by one
-from the checkpoint.  Peak memory: one block's tensors while staging, one tensor while writing.
+blocks, then the tensors outside the blocks (embeddings, final norm, output head), each read from
+the checkpoint and converted a row chunk at a time straight into the file (``RowChunks``), so a
+152k-token embedding is never whole in memory, let alone twice.  Peak memory: one block's tensors
+while staging, one staged block or one chunk of rows while writing.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import BlockquantError, UsageError
+from ..errors import BlockquantError, ModelFileError, UsageError
 from ..algorithm.quantizers import QuantizedWeight
 from . import checkpoint
 from .gguf_quants import FILE_TYPES, GGML_NAMES, block_type, encode
@@ -29,6 +31,7 @@ from .shards import ShardWriter
 log = logging.getLogger("blockquant")
 STAGING = ".gguf-staging"
 _NO_LIMIT = 1 << 62   # one staging shard: parts are read directly, never merged
+CHUNK_BYTES = 64 << 20   # source rows converted and written at a time (outside the blocks)
 
 
 def _gguf():
@@ -41,6 +44,34 @@ def _gguf():
 
 def file_name(weights_name: str, gtype: str) -> str:
     return f"{weights_name}-{GGML_NAMES[gtype]}.gguf"
+
+
+def plain_dtype(shape) -> torch.dtype:
+    """How llama.cpp's converter stores a full-precision tensor: 1-D F32, otherwise F16."""
+    return torch.float32 if len(shape) <= 1 else torch.float16
+
+
+class RowChunks:
+    """A tensor outside the blocks as ``gguf.GGUFWriter.write_tensor_data`` takes it (``nbytes`` and
+    ``tofile``, as a numpy array has them), converted and written ``CHUNK_BYTES`` of source rows at a
+    time: ``rows(first, stop)`` returns rows ``first:stop`` (dim 0) in any dtype.  The bytes written
+    are those of the whole tensor converted at once."""
+
+    def __init__(self, rows, shape, dtype: torch.dtype):
+        self.rows, self.shape, self.dtype = rows, tuple(shape), dtype
+        self.nbytes = torch.Size(self.shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+    def tofile(self, f) -> None:
+        n = self.shape[0] if self.shape else 1
+        if not self.shape or not self.nbytes:
+            self._write(self.rows(0, n), f)
+            return
+        step = max(1, CHUNK_BYTES // (self.nbytes // n))
+        for first in range(0, n, step):
+            self._write(self.rows(first, min(n, first + step)), f)
+
+    def _write(self, rows: torch.Tensor, f) -> None:
+        rows.detach().to("cpu", self.dtype).contiguous().numpy().tofile(f)
 
 
 class GgufOutput:
@@ -69,11 +100,29 @@ class GgufOutput:
         return gname
 
     def _plain(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A full-precision tensor as llama.cpp's converter stores it: 1-D F32, otherwise F16."""
+        """A full-precision tensor as llama.cpp's converter stores it (``plain_dtype``)."""
         order = self.layout.row_order(name)
         if order is not None:
             tensor = tensor[order]
-        return tensor.detach().to("cpu", torch.float32 if tensor.dim() <= 1 else torch.float16).contiguous()
+        return tensor.detach().to("cpu", plain_dtype(tensor.shape)).contiguous()
+
+    def _outside(self, name: str, tensor, store) -> RowChunks:
+        """Tensor ``name`` outside the blocks, row chunk by row chunk: from memory, or (still on the meta
+        device) read from the checkpoint a chunk of rows at a time."""
+        order = self.layout.row_order(name)
+        if tensor.device.type == "meta":
+            if tuple(store.shape(name)) != tuple(tensor.shape):
+                raise ModelFileError(f"tensor {name} has shape {tuple(store.shape(name))} in the checkpoint but the "
+                                     f"model expects {tuple(tensor.shape)}; the config and weights do not match")
+            if order is not None:   # permuted rows: read whole (no tensor outside the blocks has any today)
+                tensor = store.get(name)
+        if tensor.device.type == "meta":
+            rows = lambda first, stop: store.get_rows(name, first, stop)   # noqa: E731
+        elif order is not None:
+            rows = lambda first, stop: tensor[order[first:stop]]   # noqa: E731
+        else:
+            rows = lambda first, stop: tensor[first:stop]   # noqa: E731
+        return RowChunks(rows, tensor.shape, plain_dtype(tensor.shape))
 
     def add_block(self, block, dtypes: dict, quantized: dict) -> None:
         prefix, out, skip = block.ref.name, {}, set()
@@ -140,7 +189,7 @@ class GgufOutput:
                     self._info(writer, key, sl.get_shape(), {"U8": torch.uint8, "F16": torch.float16,
                                                              "F32": torch.float32}[sl.get_dtype()])
         for name, tensor in outside:
-            self._info(writer, self._name(name), tensor.shape, torch.float32 if tensor.dim() <= 1 else torch.float16)
+            self._info(writer, self._name(name), tensor.shape, plain_dtype(tensor.shape))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -149,7 +198,7 @@ class GgufOutput:
                 for key in f.keys():
                     writer.write_tensor_data(f.get_tensor(key).numpy())
         for name, tensor in outside:
-            writer.write_tensor_data(self._plain(name, checkpoint.materialize(name, tensor, store)).numpy())
+            writer.write_tensor_data(self._outside(name, tensor, store))
         writer.close()
         shutil.rmtree(self.staged.folder)
         log.info("wrote %s", path)

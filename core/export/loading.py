@@ -1,7 +1,8 @@
-"""Load a quantized checkpoint (auto_round or auto_gptq layout) for inference with QuantLinear.
+"""Load a quantized checkpoint (auto_round, auto_gptq or compressed-tensors layout) for inference.
 
 The model is built from its config.json with empty (meta) parameters; every linear layer whose
-``NAME.qweight`` is in the checkpoint becomes a :class:`QuantLinear`; all tensors are then read
+``NAME.qweight`` is in the checkpoint becomes a :class:`QuantLinear` (``NAME.weight_packed`` of a
+compressed-tensors checkpoint: a :class:`CompressedLinear`); all tensors are then read
 from the (sharded) safetensors files and assigned; tied weights are tied; the model is returned in
 eval mode on ``device``.
 """
@@ -17,6 +18,8 @@ from torch import nn
 
 from ..errors import ModelFileError, UsageError
 from ..model.model_io import read_json, transformers_renamer
+from .compressed import FORMAT as COMPRESSED
+from .compressed_linear import CompressedLinear
 from .qlinear import QuantLinear
 
 log = logging.getLogger("blockquant")
@@ -107,6 +110,19 @@ def _quant_linear(qcfg: dict, name: str, module: nn.Module, shapes: dict[str, li
     return qlinear
 
 
+def _compressed_linear(qcfg: dict, name: str, module: nn.Module, shapes: dict[str, list[int]],
+                       keys: set[str]) -> CompressedLinear:
+    layer = CompressedLinear.from_config(qcfg, name, module, keys)
+    if layer is None:
+        raise ModelFileError(f"{name}.weight_packed is in the checkpoint but quantization_config keeps {name} in "
+                             "full precision")
+    if shapes[f"{name}.weight_packed"] != list(layer.weight_packed.shape):
+        raise ModelFileError(f"{name}.weight_packed has shape {shapes[f'{name}.weight_packed']}, expected "
+                             f"{list(layer.weight_packed.shape)} for {layer.bits} bits; the quantization_config "
+                             "does not match the weights")
+    return layer
+
+
 def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None, model_class=None) -> nn.Module:
     """Load a quantized folder as an eval-mode model on ``device``.
 
@@ -126,20 +142,22 @@ def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None, mo
     names = {key: rename(key) for key in files}
     keys = set(names.values())
 
+    compressed = qcfg.get("quant_method") == COMPRESSED
+    marker, make = (".weight_packed", _compressed_linear) if compressed else (".qweight", _quant_linear)
     shapes = {}
     for key, file in files.items():
-        if key.endswith(".qweight"):
+        if key.endswith(marker):
             with safe_open(file, "pt") as f:
                 shapes[names[key]] = list(f.get_slice(key).get_shape())
-    for qname in sorted(k[: -len(".qweight")] for k in shapes):
+    for qname in sorted(k[: -len(marker)] for k in shapes):
         module = model.get_submodule(qname) if _has(model, qname) else None
         if module is None:
             raise ModelFileError(f"the checkpoint quantizes {qname}, which this model does not have")
-        qlinear = _quant_linear(qcfg, qname, module, shapes, keys)
+        qlinear = make(qcfg, qname, module, shapes, keys)
         parent, _, child = qname.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, qlinear)
 
-    quant_prefixes = {k[: -len(".qweight")] for k in shapes}
+    quant_prefixes = {k[: -len(marker)] for k in shapes}
     state = {}
     by_file: dict[str, list[str]] = {}
     for key, file in files.items():

@@ -96,7 +96,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     _run_options(q)
     q.add_argument("--scheme", help="W2A16, W3A16, W4A16 (default) or W8A16")
-    q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (overrides --scheme)")
+    q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8; 6 for --format gguf:q6_k (overrides --scheme)")
     q.add_argument("--group_size", type=int, help="inputs per scale: -1 (per channel), 32, 64, 128 ...")
     q.add_argument("--sym", dest="sym", action="store_const", const=True, default=None,
                    help="symmetric quantization (what every scheme uses unless --asym)")
@@ -116,7 +116,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--ignore_layers", default="", help="comma-separated layer name patterns kept in full precision")
     q.add_argument("--format", default="auto_round",
                    help="output format(s), comma-separated, each written to OUT/FORMAT from one tuning pass: auto_round, "
-                        "auto_gptq, compressed-tensors, gguf:q4_0|q4_1|q8_0|q4_k, or fake (quantize in memory, write nothing)")
+                        "auto_gptq, compressed-tensors, gguf:q4_0|q4_1|q8_0|q2_k|q3_k|q4_k|q6_k, or fake (quantize in memory, write nothing)")
     q.add_argument("--output_dir", "-o", help="output folder (default: MODEL-w{bits}g{group}-{format} here)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--fresh", action="store_true", help="discard an interrupted run's state instead of resuming it")

@@ -7,6 +7,7 @@ adapter, the hook and the exception (the original stays chained for ``--verbose`
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pluggy
@@ -15,19 +16,26 @@ from ..errors import BlockquantError, ControlFlow, HookError
 from .contract import RunContext, Traits
 
 
+@contextlib.contextmanager
+def reported(adapter: str, hook: str):
+    """An exception a hook raises, other than the engine's own and control flow, as one ``HookError``."""
+    try:
+        yield
+    except (BlockquantError, ControlFlow, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":   # torch.cuda.OutOfMemoryError: the engine falls back
+            raise
+        raise HookError(f"adapter '{adapter}' failed in hook {hook}: {type(e).__name__}: {e}") from e
+
+
 class AdapterHooks:
     def __init__(self, pm: pluggy.PluginManager, ctx: RunContext, adapter: str):
         self.pm, self.ctx, self.adapter = pm, ctx, adapter
 
     def _call(self, name: str, **kwargs) -> Any:
-        try:
+        with reported(self.adapter, name):
             return getattr(self.pm.hook, name)(ctx=self.ctx, **kwargs)
-        except (BlockquantError, ControlFlow, KeyboardInterrupt, SystemExit, MemoryError):
-            raise
-        except Exception as e:
-            if type(e).__name__ == "OutOfMemoryError":   # torch.cuda.OutOfMemoryError: the engine falls back
-                raise
-            raise HookError(f"adapter '{self.adapter}' failed in hook {name}: {type(e).__name__}: {e}") from e
 
     def load_model(self, source, settings):
         return self._call("load_model", source=source, settings=settings)

@@ -197,14 +197,36 @@ class WeightStore:
         Plain reads at the header's offsets, not a memory map: pages of a mapped shard stay in the
         process's resident set while the mapping lives, so a run would grow to the checkpoint's size.
         """
+        dtype, shape, start, end = self._entry(name)
+        out = self._read(name, start, end - start)
+        return out.view(dtype).reshape(shape) if out.numel() else torch.empty(shape, dtype=dtype)
+
+    def get_rows(self, name: str, first: int, stop: int) -> torch.Tensor:
+        """Rows ``first:stop`` (along dim 0) of tensor ``name``, reading only their bytes: a large table
+        (an embedding) converts a chunk at a time without ever being whole in memory."""
+        dtype, shape, start, end = self._entry(name)
+        stop = min(stop, shape[0])
+        row = (end - start) // shape[0] if shape[0] else 0
+        out = self._read(name, start + first * row, (stop - first) * row)
+        return out.view(dtype).reshape(stop - first, *shape[1:])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (from the shard header; nothing is read)."""
+        return self._entry(name)[1]
+
+    def _entry(self, name: str) -> tuple[torch.dtype, tuple, int, int]:
         if name not in self._files:
             raise ModelFileError(f"tensor {name} is missing from the checkpoint in {self.folder}")
-        file = self._files[name]
         dtype_name, shape, start, end = self._entries[name]
         dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
-            raise ModelFileError(f"tensor {name} in {file} has dtype {dtype_name}, which blockquant cannot read")
-        out = torch.empty(end - start, dtype=torch.uint8)
+            raise ModelFileError(f"tensor {name} in {self._files[name]} has dtype {dtype_name}, which blockquant "
+                                 "cannot read")
+        return dtype, shape, start, end
+
+    def _read(self, name: str, start: int, nbytes: int) -> torch.Tensor:
+        file = self._files[name]
+        out = torch.empty(nbytes, dtype=torch.uint8)
         try:
             with open(os.path.join(self.folder, file), "rb", buffering=0) as f:
                 f.seek(start)
@@ -216,7 +238,7 @@ class WeightStore:
                     got += n
         except (OSError, EOFError) as e:
             raise ModelFileError(f"cannot read tensor {name} from {file} ({e}); the shard is corrupt, download it again") from e
-        return out.view(dtype).reshape(shape) if out.numel() else torch.empty(shape, dtype=dtype)
+        return out
 
     def close(self):
         """Nothing stays open between reads; kept so callers can release a store uniformly."""

@@ -105,9 +105,10 @@ class BlockLoop:
                     ctx.check_interrupt(abandon=True)
                 return loss
 
-            held, batch = None, s.batch_size     # data-parallel: this rank's samples and share of a batch
-            if ctx.dp is not None:
+            held, batch, seed = None, s.batch_size, s.seed + block.ref.number
+            if ctx.dp is not None:   # this rank's samples, its share of a batch, its own draws from them
                 held, batch = ctx.dp.sampling([i for i, x in enumerate(state.quant) if x is not None], s.batch_size)
+                seed += 7919 * ctx.dp.rank
             t0 = time.time()
             weights = sum(layer.weight.numel() for layer in choice.quantize.values())
             compiled = tune and use_compile(s.compile, ctx.device, weights)
@@ -118,7 +119,7 @@ class BlockLoop:
                     result = tune_block(
                         choice.quantize, s.scheme, loss_fn, max(len(state.quant), 1), iters=s.iters, lr=s.effective_lr,
                         minmax_lr=s.effective_minmax_lr, batch_size=batch,
-                        gradient_accumulate_steps=s.gradient_accumulate_steps, seed=s.seed + block.ref.number, log=log,
+                        gradient_accumulate_steps=s.gradient_accumulate_steps, seed=seed, log=log,
                         reduce_grads=ctx.dp.reduce_grads if ctx.dp else None,
                         progress=TuningProgress(block.ref.name, s.iters, log), samples=held,
                         compiled=compiled,

@@ -13,7 +13,7 @@ from ..errors import AdapterError, UsageError
 from ..export.formats import check_format
 from ..frame import plugins
 from ..frame.contract import RunContext, Traits
-from ..frame.hooks import AdapterHooks
+from ..frame.hooks import AdapterHooks, reported
 from ..frame.options import parse_options
 from ..model.blocks import resolve_groups
 from ..model.published import publish_like
@@ -35,6 +35,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
             raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
         run.entry = plugins.get_adapter(adapter, entries)
         plugins.check_versions(run.entry)      # before the example is built
+        parse_options(run.entry.info.options, settings.options, run.entry.name)     # a wrong option: say so first
         model = _example_folder(run)
     run.ctx.source = ModelSource.resolve(model)
     if run.entry is None:
@@ -76,12 +77,14 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
 
 def _example_folder(run: Run) -> str:
     pm = plugins.run_manager(run.entry)
-    example = pm.hook.example_model()
+    with reported(run.entry.name, "example_model"):
+        example = pm.hook.example_model()
     if example is None or example.save is None:
         raise AdapterError(f"adapter '{run.entry.name}' has no example model; pass a model folder")
     run.tmpdir = tempfile.TemporaryDirectory(prefix=f"blockquant-{run.entry.name}-example-")
     folder = os.path.join(run.tmpdir.name, example.name)
-    example.save(folder)
+    with reported(run.entry.name, "example_model"):
+        example.save(folder)
     publish_like(folder)    # stored as models are published: bfloat16 shards with an index
     log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
     if torch.get_num_threads() > 1:

@@ -95,15 +95,15 @@ def _quantize(run: Run, start: float) -> QuantizeResult:
         if already:
             log.info("the interrupted run had already published %s", output_dir)
             return QuantizeResult(output_dir, complete_publish(run, output_dir), run)
-        checkpoint.check_output(output_dir, s.overwrite)
-        check_disk(run, output_dir, run.resume.partial)
         try:
+            checkpoint.check_output(output_dir, s.overwrite)
+            check_disk(run, output_dir, run.resume.partial)
             run.writer = Outputs(run, run.resume.output, run.resume.writer_state)
-        except UsageError:   # a format this model cannot be written in: leave nothing behind
-            if not run.resume.saved:
+            return _run(run, start, output_dir)
+        except UsageError:   # an input error (an output in the way, a format this model cannot be written
+            if run.resume.empty:    # in, empty calibration data) found before anything was saved: leave nothing
                 run.resume.remove()
             raise
-        return _run(run, start, output_dir)
 
 
 def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
@@ -111,13 +111,15 @@ def _run(run: Run, start: float, output_dir: str | None) -> QuantizeResult:
     check_memory(run)
     done = run.resume.blocks_done if run.resume else 0
     run.progress = Progress(sum(len(chain) for chain in run.groups), log, done=done)
+    blocks = f"{run.progress.total} block(s)" if not done else f"{run.progress.total - done} of {run.progress.total} " \
+        f"block(s) ({done} finished before)"
     if s.weights_only:
         run.stores = []     # the block loop quantizes each block's weights as they stream in
-        log.info("quantizing %d block(s) in %d group(s): %s, RTN straight from the checkpoint (no calibration data, "
-                 "no replay)", run.progress.total, len(run.groups), _scheme_label(s))
+        log.info("quantizing %s in %d group(s): %s, RTN straight from the checkpoint (no calibration data, "
+                 "no replay)", blocks, len(run.groups), _scheme_label(s))
     else:
         capture_inputs(run)
-        log.info("quantizing %d block(s) in %d group(s): %s, iters %d, %d samples", run.progress.total,
+        log.info("quantizing %s in %d group(s): %s, iters %d, %d samples", blocks,
                  len(run.groups), _scheme_label(s), s.iters, len(run.stores[0]) if run.stores else 0)
     if run.loaded.weights is not None and not run.keep_blocks:
         release_embeddings(run.model)
@@ -185,7 +187,7 @@ def _report(run: Run, loop, output_dir: str | None, start: float) -> RunReport:
     s = run.settings
     report = RunReport(model=run.source.path, adapter=run.entry.name, scheme=_scheme_label(s), format=s.format,
                        output_dir=output_dir or "",
-                       settings={k: getattr(s, k) for k in ("iters", "nsamples", "seqlen", "batch_size", "seed")})
+                       settings={k: getattr(s, k) for k in ("iters",) + (() if s.weights_only else ("nsamples", "seqlen", "batch_size", "seed"))})
     report.blocks = loop.blocks
     report.add_quantized(loop.quantized)
     for name, reason in loop.kept.items():

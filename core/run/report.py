@@ -6,6 +6,7 @@ thousands of layers stays short: ``model.layers.[0-26].mlp.down_proj``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.abc
 import logging
 import sys
 import time
@@ -222,16 +223,52 @@ class _DropHarmless(logging.Filter):
         return not any(text in message for text in HARMLESS_LOG_LINES)
 
 
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """Quiets diffusers' logging module as it is imported: progress bars off, errors only.  (Adapters import
+    diffusers when they load a pipeline; importing it just to quiet it would cost seconds on every run.)"""
+
+    MODULE = "diffusers.utils.logging"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.MODULE:
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+
+                def exec_module(module):
+                    run(module)
+                    _quiet_diffusers(module, True)
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+def _quiet_diffusers(module, quiet: bool) -> None:
+    if quiet:
+        module.disable_progress_bar()
+        module.set_verbosity_error()
+    else:
+        module.enable_progress_bar()
+        module.set_verbosity_warning()
+
+
 def quiet_third_party(verbose: bool = False) -> None:
-    """Normal mode: no third-party progress bars (transformers' "Writing model shards") and none of the
-    known-harmless warnings above; ``verbose`` shows them all."""
+    """Normal mode: no third-party progress bars (transformers' "Writing model shards", diffusers' loading
+    bars) and none of the known-harmless warnings above; ``verbose`` shows them all."""
     handlers = logging.getLogger("transformers").handlers   # child loggers' records pass their filters
     for handler in handlers:
         for f in [f for f in handler.filters if isinstance(f, _DropHarmless)]:
             handler.removeFilter(f)
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietOnImport)]
+    if _QuietOnImport.MODULE in sys.modules:
+        _quiet_diffusers(sys.modules[_QuietOnImport.MODULE], not verbose)
     if verbose:
         hf_logging.enable_progress_bar()
         return
+    if _QuietOnImport.MODULE not in sys.modules:
+        sys.meta_path.insert(0, _QuietOnImport())
     hf_logging.disable_progress_bar()
     for handler in handlers:
         handler.addFilter(_DropHarmless())

@@ -219,6 +219,11 @@ class Resume:
         self.save()
         faults.point(f"export_{step}")
 
+    @property
+    def empty(self) -> bool:
+        """Nothing worth keeping: no progress.json on disk (no interrupted run, no block finished)."""
+        return not os.path.exists(os.path.join(self.partial, PROGRESS))
+
     def remove(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
 
