@@ -10,7 +10,6 @@ per iteration per block, and a projected speedup for a 31B model on 8 GPUs (see 
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine_speed import build, heldout  # noqa: E402
+from cli_args import run_parser  # noqa: E402
 
 from blockquant.resources.distributed import split_batch  # noqa: E402
 
@@ -118,13 +118,8 @@ def project(ranks_measured: int, one: dict, many: dict, args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = run_parser(iters=50, nsamples=16, seqlen=128, batch_size=8)
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="threads of the one-process run (default 1; see bench/README)")
     args = ap.parse_args()
     cores = os.cpu_count()

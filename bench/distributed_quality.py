@@ -10,7 +10,6 @@ the spread over seeds and the share of identical 4-bit codes between same-seed r
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -21,17 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distributed import kl_to_fp, run_quant, same_codes  # noqa: E402
 from engine_speed import build, heldout  # noqa: E402
+from cli_args import run_parser  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = run_parser(iters=100, nsamples=32, seqlen=128, batch_size=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--one_process_kl", default="", help="comma-separated KLs of the 1-process runs of seeds 0.. "
                     "from an earlier run of this script (they are deterministic): only the N-rank runs run")
     args = ap.parse_args()

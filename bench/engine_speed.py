@@ -16,6 +16,7 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from cli_args import run_parser  # noqa: E402
 
 SHAPE = dict(hidden=256, intermediate=768, layers=8, heads=8, kv_heads=4, vocab=32000)
 
@@ -80,13 +81,7 @@ def one(folder: str, iters: int, args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group_size", type=int, default=128)
+    ap = run_parser(iters=200, nsamples=32, seqlen=256, batch_size=8, bits=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--disable_amp", action="store_true", help="tune in fp32 (no bf16 autocast)")
     ap.add_argument("--special", choices=("on", "off"), default="on",

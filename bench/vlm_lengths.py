@@ -16,7 +16,6 @@ blocks, first iterations included; the fastest of ``--rounds``) and the ratios t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vs_autoround import timed  # noqa: E402
+from cli_args import run_parser  # noqa: E402
 
 SIZES = {"one size": ((112, 56),), "three sizes": ((56, 56), (112, 56), (112, 112))}
 CAPTION = "a red circle on a blue background"
@@ -68,10 +68,7 @@ def one_run(model: str, data: str, pad: bool, args) -> tuple[float, list[int]]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--nsamples", type=int, default=12)
-    ap.add_argument("--batch_size", type=int, default=4)
+    ap = run_parser(iters=20, nsamples=12, seqlen=None, batch_size=4, group_size=None)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 

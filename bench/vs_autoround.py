@@ -34,6 +34,7 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from cli_args import run_parser  # noqa: E402
 
 SHAPES = {
     # 4 x (0.79M attention + 2.36M MLP) + a 19776 x 512 tied embedding = 22.7M parameters
@@ -177,15 +178,9 @@ def child(tool: str, folder: str, args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = run_parser(iters=200, nsamples=32, seqlen=256, batch_size=8, bits=True)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool, alternating (default 2)")
     ap.add_argument("--tools", default="blockquant,autoround")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
