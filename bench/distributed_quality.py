@@ -27,6 +27,7 @@ def main():
     ap = run_parser(iters=100, nsamples=32, seqlen=128, batch_size=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first_seed", type=int, default=0)
     ap.add_argument("--one_process_kl", default="", help="comma-separated KLs of the 1-process runs of seeds 0.. "
                     "from an earlier run of this script (they are deterministic): only the N-rank runs run")
     args = ap.parse_args()
@@ -40,11 +41,11 @@ def main():
         ids = heldout(folder, n=8, seqlen=256)
         kl = {1: [], args.ranks: []}
         same = []
-        for seed in range(args.seeds):
+        for n, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
             outs = {}
             for ranks in (1, args.ranks):
                 if ranks == 1 and reused:
-                    kl[1].append(reused[seed])
+                    kl[1].append(reused[n])
                     continue
                 outs[ranks] = os.path.join(tmp, f"s{seed}-r{ranks}")
                 run_quant(folder, outs[ranks], ranks, args, threads=1, seed=seed)
