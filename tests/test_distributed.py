@@ -73,7 +73,8 @@ def _first_block_gradients(folder: str, out: str | None, chunk: int | None = Non
     # one mini-batch of every sample: under a process group each rank draws all it holds (its share)
     held, batch = None, len(streams)
     if run.dp:
-        held, batch = run.dp.sampling([i for i, s in enumerate(streams) if s is not None], len(streams))
+        held = [i for i, s in enumerate(streams) if s is not None]
+        batch = run.dp.batch_share(len(held), len(streams))
     tune_block(layers, run.settings.scheme, loss_fn, len(streams), iters=2, lr=0.5, minmax_lr=0.5, batch_size=batch,
                gradient_accumulate_steps=1, seed=0, reduce_grads=reduce_grads, samples=held)
     held = sum(s is not None for s in streams)
@@ -95,7 +96,7 @@ def _on_each_rank(rank, work: str, generic: str, gemma: str, four_blocks: str):
 
     dp = distributed.start(torch.device("cpu"))
     held = list(range(rank, 8, 2)) + ([9] if rank == 0 else [])     # rank 0 holds 5 samples, rank 1 holds 4
-    torch.save({batch: dp.sampling(held, batch)[1] for batch in (1, 2, 4, 8, 9, 20)}, os.path.join(work, f"shares.{rank}"))
+    torch.save({batch: dp.batch_share(len(held), batch) for batch in (1, 2, 4, 8, 9, 20)}, os.path.join(work, f"shares.{rank}"))
 
     api.quantize(four_blocks, output_dir=os.path.join(work, "uninterrupted"), **RESUME)
     _first_block_gradients(generic, os.path.join(work, f"grads.{rank}"))

@@ -92,7 +92,7 @@ def tune_block(
     try:
         for name, layer in layers.items():
             states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
-        run = _Run(states, loss_fn, samples if samples is not None else nsamples, batch_size,
+        run = _Run(states, loss_fn, range(nsamples) if samples is None else samples, batch_size,
                    gradient_accumulate_steps, seed)
         run.reduce_grads = reduce_grads
         run.compiled = compiled
@@ -132,8 +132,8 @@ class _Run:
     def __init__(self, states, loss_fn, samples, batch_size, accumulate, seed):
         self.states = list(states.values())
         self.loss_fn = loss_fn
-        self.samples = samples        # the number of samples, or the list of indices drawn from
-        self.batch = min(batch_size, samples if isinstance(samples, int) else len(samples))
+        self.samples = samples        # the sample indices the mini-batches are drawn from
+        self.batch = min(batch_size, len(samples))
         self.accumulate = accumulate
         self.generator = torch.Generator().manual_seed(seed)
         self.best_loss: float | None = None
@@ -149,10 +149,8 @@ class _Run:
         """The next mini-batch of distinct indices: a slice of a random permutation of the samples
         (a fresh one each iteration, and whenever the rest is shorter than a batch)."""
         if len(self._perm) < self.batch:
-            if isinstance(self.samples, int):
-                self._perm = torch.randperm(self.samples, generator=self.generator).tolist()
-            else:
-                self._perm = [self.samples[i] for i in torch.randperm(len(self.samples), generator=self.generator).tolist()]
+            order = torch.randperm(len(self.samples), generator=self.generator).tolist()
+            self._perm = [self.samples[i] for i in order]
         out, self._perm = self._perm[:self.batch], self._perm[self.batch:]
         return out
 

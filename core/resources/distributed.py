@@ -4,7 +4,7 @@ Every rank holds the current block.  The calibration samples are sharded at capt
 calibration batches r, r+N, r+2N, ... and keeps the samples they produce.  The run's per-sample lists
 keep the single-process numbering, with None in the places of the other ranks' samples (``Replayer.run``
 skips those).  Each iteration's mini-batch is the union of every rank's draw from the samples it holds,
-a share of the batch size proportional to them (``sampling``): every rank runs about batch/N samples,
+a share of the batch size proportional to them (``batch_share``): every rank runs about batch/N samples,
 where a mini-batch drawn from all samples would leave some ranks idle while one runs several.  The loss
 of a mini-batch is the global mean (``mean_loss``): each rank's squared-error sum over the global
 element count, so the summed gradients (``reduce_grads``) are the gradient one process computes on the
@@ -88,13 +88,13 @@ class DataParallel:
         return out
 
     # --- tuning ---------------------------------------------------------------------------------
-    def sampling(self, held: list[int], batch: int) -> tuple[list[int], int]:
-        """What this rank draws its part of each mini-batch from (``held``: the samples it holds) and how
-        many (``split_batch`` of the ranks' sample counts)."""
+    def batch_share(self, held: int, batch: int) -> int:
+        """This rank's part of a mini-batch of ``batch`` samples when it holds ``held`` of them
+        (``split_batch`` of every rank's count)."""
         counts = torch.zeros(self.size, dtype=torch.float64)
-        counts[self.rank] = len(held)
+        counts[self.rank] = held
         tdist.all_reduce(counts)
-        return held, split_batch(batch, [int(c) for c in counts.tolist()])[self.rank]
+        return split_batch(batch, [int(c) for c in counts.tolist()])[self.rank]
 
     def mean_loss(self, sse: torch.Tensor | None, count: int, stop: bool = False) -> tuple[torch.Tensor, bool]:
         """The mini-batch's global mean squared error from this rank's sum ``sse`` over ``count``

@@ -107,7 +107,8 @@ class BlockLoop:
 
             held, batch, seed = None, s.batch_size, s.seed + block.ref.number
             if ctx.dp is not None:   # this rank's samples, its share of a batch, its own draws from them
-                held, batch = ctx.dp.sampling([i for i, x in enumerate(state.quant) if x is not None], s.batch_size)
+                held = [i for i, x in enumerate(state.quant) if x is not None]
+                batch = ctx.dp.batch_share(len(held), s.batch_size)
                 seed += 7919 * ctx.dp.rank
             t0 = time.time()
             weights = sum(layer.weight.numel() for layer in choice.quantize.values())

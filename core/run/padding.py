@@ -64,13 +64,10 @@ def pad_collate(samples: list[dict], stream_keys: tuple[str, ...]) -> Padded | N
 def _lengths(values: list[Any]) -> tuple[int, list[int]] | None:
     """(sequence dim, lengths) of one stream: the one dim whose size differs between the samples
     (dim 1 when none differs: the samples are stacked as they are)."""
-    if not all(isinstance(v, torch.Tensor) for v in values):
+    if not all(isinstance(v, torch.Tensor) for v in values) or values[0].dim() < 2:
         return None
-    first = values[0]
-    if first.dim() < 2 or any(v.dim() != first.dim() or v.shape[0] != 1 for v in values):
-        return None
-    differ = [d for d in range(1, first.dim()) if len({v.shape[d] for v in values}) > 1]
-    if len(differ) > 1:
+    differ = _differing_dims(values)
+    if differ is None or len(differ) > 1:
         return None
     dim = differ[0] if differ else 1
     return dim, [v.shape[dim] for v in values]
@@ -91,11 +88,8 @@ def _join(values: list[Any], lengths: list[int], is_mask: bool) -> Any:
 
 def _pad_tensors(values: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
     """Zeros at the end of every dim whose size differs between the samples (it must be their length)."""
-    first = values[0]
-    if first.dim() == 0 or any(v.dim() != first.dim() or v.shape[0] != 1 for v in values):
-        raise _NoPad
-    differ = [d for d in range(1, first.dim()) if len({v.shape[d] for v in values}) > 1]
-    if any(v.shape[d] != n for d in differ for v, n in zip(values, lengths)):
+    differ = _differing_dims(values)
+    if differ is None or any(v.shape[d] != n for d in differ for v, n in zip(values, lengths)):
         raise _NoPad
     longest = max(lengths)
     out = []
@@ -105,6 +99,15 @@ def _pad_tensors(values: list[torch.Tensor], lengths: list[int]) -> list[torch.T
             pad += [0, longest - n] if d in differ else [0, 0]
         out.append(F.pad(v, pad) if n != longest and differ else v)
     return out
+
+
+def _differing_dims(values: list[torch.Tensor]) -> list[int] | None:
+    """The dims (after the leading one) whose size differs between the tensors; None unless they all
+    have one leading row and the same number of dims."""
+    first = values[0]
+    if first.dim() == 0 or any(v.dim() != first.dim() or v.shape[0] != 1 for v in values):
+        return None
+    return [d for d in range(1, first.dim()) if len({v.shape[d] for v in values}) > 1]
 
 
 def _pad_mask(mask: torch.Tensor, length: int, longest: int) -> torch.Tensor:

@@ -77,13 +77,12 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
 
 def _example_folder(run: Run) -> str:
     pm = plugins.run_manager(run.entry)
-    with reported(run.entry.name, "example_model"):
+    with reported(run.entry.name, "example_model"):      # building or saving the example
         example = pm.hook.example_model()
-    if example is None or example.save is None:
-        raise AdapterError(f"adapter '{run.entry.name}' has no example model; pass a model folder")
-    run.tmpdir = tempfile.TemporaryDirectory(prefix=f"blockquant-{run.entry.name}-example-")
-    folder = os.path.join(run.tmpdir.name, example.name)
-    with reported(run.entry.name, "example_model"):
+        if example is None or example.save is None:
+            raise AdapterError(f"adapter '{run.entry.name}' has no example model; pass a model folder")
+        run.tmpdir = tempfile.TemporaryDirectory(prefix=f"blockquant-{run.entry.name}-example-")
+        folder = os.path.join(run.tmpdir.name, example.name)
         example.save(folder)
     publish_like(folder)    # stored as models are published: bfloat16 shards with an index
     log.info("no model given: using %s's tiny example model %s (bfloat16, sharded)", run.entry.name, example.name)
