@@ -1,11 +1,12 @@
 """blockquant vs auto-round, side by side: the same generated model, data and settings, one script run.
 
-    python bench/vs_autoround.py [--shape small|0.6b] [--device cpu|cuda] [--iters 200 --nsamples 32
+    python bench/vs_autoround.py [--shape small|0.6b|4b-block] [--device cpu|cuda] [--iters 200 --nsamples 32
                                  --seqlen 256 --batch_size 8 --bits 4 --group_size 128] [--repeats 2]
                                  [--tools blockquant,autoround] [--threads N] [--parallel] [--keep DIR]
 
 A random-weight Qwen3-style model is generated offline (``small``: 4 blocks of hidden 512, 22.7M
-parameters; ``0.6b``: Qwen3-0.6B proportions, for the GPU check).  Both tools get the same calibration
+parameters; ``0.6b``: Qwen3-0.6B proportions, for the GPU check; ``4b-block``: one block of Qwen3-4B
+proportions).  Both tools get the same calibration
 tokens (the engine's default corpus cut by ``build_token_samples``), W4 g128 symmetric
 quantization, the same iterations, samples, sequence length and batch size, and no lm_head.
 
@@ -16,7 +17,9 @@ torch.compile included), the quantization wall time (model load included, export
 process CPU time over it, peak RSS / peak VRAM per device, and the KL divergence of the final logits
 to the fp model on held-out text (8 x 256 tokens of the corpus' held-out split).  Ratios are
 blockquant's medians over auto-round's.  ``--threads N`` sets both tools' torch threads;
-``--parallel`` runs the two at the same time.  On a shared, overloaded machine, ``--threads 1
+``--parallel`` runs the two at the same time.  On the CPU, the run ends with the GEMM floor: the
+seconds the tuned layers' matrix products alone take on this machine (``gemm_floor``), which bounds
+how fast any exact AutoRound can tune here.  On a shared, overloaded machine, ``--threads 1
 --parallel`` gives the most stable comparison: both see the same load, and the CPU seconds of a
 one-thread run hardly depend on it.  Requires ``auto-round`` (pip install -c
 .ci/constraints.txt auto-round==0.16.1); nothing downloads.
@@ -41,6 +44,8 @@ SHAPES = {
     "small": dict(layers=4, hidden=512, intermediate=1536, heads=8, kv_heads=4, head_dim=64, vocab=19776),
     # Qwen3-0.6B proportions: 28 x 1024/3072, 16 heads / 8 KV heads of 128, 152k tied vocabulary
     "0.6b": dict(layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151936),
+    # one block of Qwen3-4B proportions (2560/9728, 32 heads / 8 KV heads of 128): 99.6M tuned weights
+    "4b-block": dict(layers=1, hidden=2560, intermediate=9728, heads=32, kv_heads=8, head_dim=128, vocab=1024),
 }
 
 
@@ -149,6 +154,39 @@ def run_autoround(folder: str, args):
     return ar.model, {**spent, "compiled": bool(getattr(ar, "enable_torch_compile", False))}
 
 
+def gemm_floor(shape: dict, args) -> float:
+    """Seconds that the tuned layers' matrix products alone take over the whole run, timed here with
+    the run's threads: per block and iteration, every layer's forward (x W^T) and weight gradient
+    (dY^T x), and the input gradient (dY W) of every layer but q/k/v (their input, the normed block
+    input, needs none); the last iteration has no backward.  Both tools compute exactly these products,
+    so no exact AutoRound on this machine can tune faster (CPU only)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    h, inter = shape["hidden"], shape["intermediate"]
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    layers = [(q, h, False), (kv, h, False), (kv, h, False), (h, q, True), (inter, h, True), (inter, h, True),
+              (h, inter, True)]
+    tokens = min(args.batch_size, args.nsamples) * args.seqlen
+    forward = backward = 0.0
+    for out_f, in_f, needs_input_grad in layers:
+        x, w, gy = torch.randn(tokens, in_f), torch.randn(out_f, in_f), torch.randn(tokens, out_f)
+        forward += _fastest(lambda: torch.nn.functional.linear(x, w))
+        backward += _fastest(lambda: gy.t() @ x) + (_fastest(lambda: gy @ w) if needs_input_grad else 0.0)
+    return shape["layers"] * (args.iters * forward + (args.iters - 1) * backward)
+
+
+def _fastest(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def grid_check(model) -> int:
     """Distinct values in the first group of the first block's q_proj (a quantized layer has <= 2^bits)."""
     w = model.model.layers[0].self_attn.q_proj.weight
@@ -222,6 +260,11 @@ def main():
                     rows.append(json.loads(lines[-1][7:]))
                     _print_row(rows[-1])
         _summary(rows, tools)
+        if args.device == "cpu":
+            floor = gemm_floor(SHAPES[args.shape], args)
+            tuned = {t: statistics.median(r["tuning_s"] for r in rows if r["tool"] == t) for t in tools}
+            print(f"GEMM floor (the tuned layers' matrix products alone, timed now): {floor:.1f} s = "
+                  + ", ".join(f"{floor / s:.3f} x {t}'s tuning" for t, s in tuned.items()))
 
 
 def _print_row(r: dict) -> None:

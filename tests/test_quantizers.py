@@ -50,6 +50,27 @@ def test_quantize_round_trip_matches_fake_quantize(bits, sym, group_size):
         assert torch.equal(qw.scale, qw.scale.half().float())
 
 
+@pytest.mark.parametrize("sym", (True, False))
+@pytest.mark.parametrize("weight_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))
+def test_fake_into_writes_the_bits_of_fake(sym, weight_dtype, out_dtype):
+    """The tuned layer's forward writes the fake-quantized weight in place (``fake_into``, no autograd,
+    no temporaries of the weight's size); it must hold exactly what ``fake`` returns, row slices too."""
+    from blockquant.algorithm.quantizers import GroupedWeight
+
+    scheme = QuantScheme(bits=4, group_size=32, sym=sym)
+    w = _weight(dtype=weight_dtype)
+    grouped = GroupedWeight(w, scheme)
+    for v, mn, mx in ((None, None, None), _tuning_params(scheme, w)):
+        expected = grouped.fake(v, mn, mx, dtype=out_dtype)
+        out = torch.full((OUT, IN), float("nan"), dtype=out_dtype)
+        for start, stop in ((0, 7), (7, OUT)):      # rows written a chunk at a time, as the forward does
+            part = grouped.rows(start, stop)
+            rows = slice(start, stop)
+            part.fake_into(out[rows], *(None if p is None else p[rows] for p in (v, mn, mx)))
+        assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group_size", (-1, 32))
 def test_symmetric_full_range(bits, group_size):

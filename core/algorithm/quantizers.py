@@ -126,6 +126,25 @@ class GroupedWeight:
         return out.reshape(self.shape).to(self.dtype if dtype is None else dtype)
 
     @torch.no_grad()
+    def fake_into(self, out: torch.Tensor, v=None, min_scale=None, max_scale=None) -> None:
+        """``fake(v, min_scale, max_scale)`` written into ``out`` ([rows, in], a float dtype) without
+        autograd: the same operations in the same order (the same bits), computed in place in a
+        float32 ``out`` (no temporaries of the weight's size)."""
+        scale, zero = self.params(min_scale, max_scale)
+        s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        t = out.view(self.w.shape) if out.dtype == torch.float32 else torch.empty(self.w.shape, device=out.device)
+        torch.div(self.w, s3, out=t)
+        if v is not None:
+            t += self._grouped(v)
+        t.round_()
+        t += z3
+        t.clamp_(0, self.scheme.maxq)
+        t -= z3
+        t *= s3
+        if t.dtype != out.dtype:
+            out.copy_(t.view(out.shape))
+
+    @torch.no_grad()
     def quantize(self, v=None, min_scale=None, max_scale=None) -> QuantizedWeight:
         """Integer codes, scales and zeros; ``dequantize()`` equals ``fake()`` bit for bit."""
         scale, zero = self.params(min_scale, max_scale)

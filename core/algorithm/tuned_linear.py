@@ -4,7 +4,8 @@ replaces the layer's own (``QuantLinearFn``), both written to keep memory at a f
 Per weight, while a block tunes: the weight in its narrowest exact dtype (2 bytes for a bf16/fp16
 checkpoint upcast to fp32), the fp32 rounding offset ``v`` (4) and the best iteration's codes (1).
 The fake-quantized weight is built a chunk of rows at a time in the forward, used and dropped, and
-rebuilt in the backward; no block-wide set of fake weights or gradients is ever held.
+rebuilt in the backward; no block-wide set of fake weights or gradients is ever held, only one buffer
+the size of the block's largest layer that each layer's forward and backward reuse (``Scratch``).
 
 Layers of at most ``PLAIN_MAX_ELEMENTS`` weights (one chunk) take a plain path instead, where the
 memory-lean machinery costs more time than it saves memory: the forward's fake-quantized weight and
@@ -37,7 +38,7 @@ class TunedLinear:
     layer's own while tuning.  The weight is stored narrow meanwhile (``narrow``); ``finish`` writes
     the result back in the original dtype."""
 
-    def __init__(self, layer: torch.nn.Linear, scheme: QuantScheme, tune_minmax: bool):
+    def __init__(self, layer: torch.nn.Linear, scheme: QuantScheme, tune_minmax: bool, scratch: "Scratch | None" = None):
         if not isinstance(layer, torch.nn.Linear):
             raise TypeError(f"tune_block handles torch.nn.Linear layers, got {type(layer).__name__}")
         self.layer = layer
@@ -58,6 +59,7 @@ class TunedLinear:
                                          torch.empty_like(ones), torch.empty_like(ones, dtype=torch.int32), scheme)
         self.best: QuantizedWeight | tuple | None = None     # None: the initial (RTN) parameters
         self.rows = 0            # the most input rows (tokens) one forward has seen
+        self.scratch = scratch or Scratch()    # the chunked path's fake weight, shared by a block's layers
         self._saved = None
 
     # --- the replacement forward -------------------------------------------------------------
@@ -114,7 +116,7 @@ class TunedLinear:
     def finish(self, qw: QuantizedWeight | None) -> None:
         """Drop the tuning state and write the quantized weight into the layer in its original dtype
         (None: restore the original weight)."""
-        self.v = self.min_scale = self.max_scale = self.best = self._kept = None
+        self.v = self.min_scale = self.max_scale = self.best = self._kept = self.scratch = None
         w = self.layer.weight
         if qw is None:
             if w.dtype != self.dtype:
@@ -167,10 +169,9 @@ class QuantLinearFn(torch.autograd.Function):
                 w = part.detach().to(dt)
                 ctx.plain = (part, leaves, w)
             else:
-                w = torch.empty(v.shape, dtype=dt, device=v.device)
+                w = st.scratch.take(v.shape, dt, v.device)
                 for rows in row_chunks(v.shape):
-                    w[rows] = st.grouped.rows(rows.start, rows.stop).fake(
-                        v[rows], min_scale[rows], max_scale[rows], dtype=dt)
+                    st.grouped.rows(rows.start, rows.stop).fake_into(w[rows], v[rows], min_scale[rows], max_scale[rows])
             y = F.linear(xc, w, None if st.bias is None else st.bias.to(dt))
         ctx.save_for_backward(xc, v, min_scale, max_scale)
         return y
@@ -195,7 +196,7 @@ class QuantLinearFn(torch.autograd.Function):
                         grads[i] = g
                 return (gy @ w if need_x else None), *grads, None
             grads = [torch.empty_like(p) if n else None for p, n in zip(params, need)]
-            w = torch.empty(v.shape, dtype=dt, device=v.device) if need_x else None
+            w = st.scratch.take(v.shape, dt, v.device) if need_x else None
             for rows in row_chunks(v.shape):
                 leaves = [p[rows].detach().requires_grad_(n) for p, n in zip(params, need)]
                 with torch.enable_grad():
@@ -210,6 +211,25 @@ class QuantLinearFn(torch.autograd.Function):
                 del part, leaves
             gx = gy @ w if need_x else None
         return gx, *grads, None
+
+
+class Scratch:
+    """One weight-sized buffer per dtype, reused by the chunked path for the fake-quantized weight that
+    a forward or a backward assembles and drops before it returns (the layers of a block run one at a
+    time).  A fresh buffer each time would be a fresh memory map for large layers, and writing it the
+    first time costs a page fault per 4 KiB: ~15% of a step on a block of Qwen3-4B proportions."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A [out, in] tensor of ``dtype`` whose contents are undefined (it is the last one's memory)."""
+        n = shape[0] * shape[1]
+        key = (dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self._buffers[key] = buf = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 def row_chunks(shape, elements: int | None = None) -> list[slice]:

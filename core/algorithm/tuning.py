@@ -19,7 +19,7 @@ from ..config import QuantScheme
 from ..resources.memory import heap_for_temporaries, trim_heap
 from .compiled import traced_forward
 from .quantizers import GroupedWeight, QuantizedWeight
-from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, TunedLinear, row_chunks, write_dequantized
+from .tuned_linear import DEQUANT_CHUNK_ELEMENTS, Scratch, TunedLinear, row_chunks, write_dequantized
 
 
 # Up to this many multiply-adds per forward of the tuned layers (rows of input x weights), a block's
@@ -89,9 +89,10 @@ def tune_block(
     if not layers:
         return TuneResult({}, None, None, None, 0, False, time.perf_counter() - start)
     states: dict[str, TunedLinear] = {}
+    scratch = Scratch()
     try:
         for name, layer in layers.items():
-            states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0)
+            states[name] = TunedLinear(layer, scheme, tune_minmax=minmax_lr > 0, scratch=scratch)
         run = _Run(states, loss_fn, range(nsamples) if samples is None else samples, batch_size,
                    gradient_accumulate_steps, seed)
         run.reduce_grads = reduce_grads
