@@ -1,6 +1,6 @@
 """Tuning time per iteration of a Qwen2.5-VL-shaped tiny model with images of three sizes vs one size.
 
-    python bench/vlm_lengths.py [--iters 20 --nsamples 12 --batch_size 4 --rounds 2]
+    python bench/vlm_lengths.py [--iters 20 --nsamples 12 --batch_size 4 --rounds 2] [--vision]
 
 The model is the qwen_vl adapter's example (``quant --adapter qwen_vl``: 4 text blocks of width 128).
 Every sample has the same caption; only the image size changes its length.  Three runs per round, all
@@ -13,6 +13,9 @@ in this process on the CPU, the same settings otherwise:
 
 Prints the tuning milliseconds per iteration per block (all blocks' tune_block time / iterations /
 blocks, first iterations included; the fastest of ``--rounds``) and the ratios to ``one size``.
+``--vision``: the vision blocks are quantized too (group size 32: their width), and the figures are theirs (each vision block's time
+in the report, fp targets and outputs included, / iterations); their samples are packed along the
+patches with joined ``cu_seqlens`` (core/run/packed_samples.py), or run one by one without it.
 """
 from __future__ import annotations
 
@@ -60,16 +63,25 @@ def one_run(model: str, data: str, pad: bool, args) -> tuple[float, list[int]]:
     try:
         result = api.quantize(model, adapter="qwen_vl", images=data, format="fake", keep_blocks=True, seed=0,
                               device="cpu", iters=args.iters, nsamples=args.nsamples, seqlen=128,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, quant_vision=args.vision,
+                              **({"group_size": 32} if args.vision else {}))   # the vision width is 32
     finally:
         loop.tune_block, loop.Replayer = saved
-    lengths = [s["hidden_states"].shape[1] for s in result.run.stores[0].streams]
-    return spent["tuning_s"] / (args.iters * len(result.report.blocks)) * 1000, lengths
+    if not args.vision:
+        lengths = [s["hidden_states"].shape[1] for s in result.run.stores[0].streams]
+        return spent["tuning_s"] / (args.iters * len(result.report.blocks)) * 1000, lengths
+    # the vision blocks' own time (targets, tuning and outputs) from the report; their samples are packed
+    vision = [b for b in result.report.blocks if ".visual." in f".{b.name}."]
+    store = next(st for st, chain in zip(result.run.stores, result.run.groups) if ".visual." in f".{chain[0].ref.path}.")
+    lengths = [s["hidden_states"].shape[0] for s in store.streams]
+    return sum(b.seconds for b in vision) / (args.iters * len(vision)) * 1000, lengths
 
 
 def main():
     ap = run_parser(iters=20, nsamples=12, seqlen=None, batch_size=4, group_size=None)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vision", action="store_true",
+                    help="quantize the vision blocks too and time them (their images are packed, not padded)")
     args = ap.parse_args()
 
     from blockquant.adapters.qwen_vl import example_model

@@ -1,7 +1,8 @@
 """Samples of different lengths share one right-padded forward (core/run/padding.py): the tuning loss and
 the gradients of the rounding offsets and clipping scales equal those of the sample-by-sample path on the
 real tokens, on real tiny models (a Llama with prompts of three lengths, Qwen2.5-VL with images of three
-sizes); a block whose padded forward would differ runs sample by sample."""
+sizes, and its vision blocks, whose images are packed rather than padded); a block whose padded forward
+would differ runs sample by sample."""
 from __future__ import annotations
 
 import os
@@ -61,16 +62,16 @@ def _captured(folder, adapter, plugin=None, **settings):
     return run
 
 
-def _loss_and_grads(run, pad: bool, position: int = 0):
-    """Block ``position`` of the first group: fp targets, then one tuning loss over all samples and its
+def _loss_and_grads(run, pad: bool, position: int = 0, group: int = 0):
+    """Block ``position`` of group ``group``: fp targets, then one tuning loss over all samples and its
     backward, with rounding offsets and clipping scales set away from round-to-nearest."""
-    block = run.groups[0][position]
+    block = run.groups[group][position]
     run.loader.load(block)
     for p in block.module.parameters():
         p.requires_grad_(False)
-    store = run.stores[0]
+    store = run.stores[group]
     n = len(store)
-    replayer = Replayer(run.hooks, store, run.device, run.compute_dtype, pad=pad)
+    replayer = Replayer(run.hooks, store, run.device, run.compute_dtype, pad=pad, pack=run.traits.pack_boundaries)
     with torch.no_grad():
         targets = replayer.run(block, [dict(s) for s in store.streams], [{} for _ in range(n)], "fp", batch=n)
     layers = choose_layers(block, run.settings.scheme, run.traits.fp_layers, run.settings.ignore_layers).quantize
@@ -134,6 +135,20 @@ def test_images_of_different_sizes_give_the_sample_by_sample_loss_and_gradients(
     lengths = [s["hidden_states"].shape[1] for s in store.streams]
     assert len(set(lengths)) == len(IMAGE_SIZES), lengths       # every sample has its own length
     _assert_same(_loss_and_grads(run, True), _loss_and_grads(run, False), len(IMAGE_SIZES))
+
+
+@pytest.mark.parametrize("position", [0, 1])    # the example's vision blocks: windowed, then full attention
+def test_vision_blocks_pack_images_of_different_sizes_with_the_sample_by_sample_loss_and_gradients(qwen25, position):
+    """Vision blocks take packed patches with cu_seqlens (no batch dimension): the images of a mini-batch
+    are concatenated into one forward (core/run/packed_samples.py), attention stays within each image's windows."""
+    run = _captured(qwen25, "qwen_vl", images=os.path.join(qwen25, "images"), quant_vision=True)
+    vision = next(g for g, chain in enumerate(run.groups) if chain[0].ref.path.endswith("visual.blocks"))
+    lengths = [s["hidden_states"].shape[0] for s in run.stores[vision].streams]
+    assert len(set(lengths)) == len(IMAGE_SIZES), lengths
+    full = run.model.model.visual.fullatt_block_indexes
+    assert (position in full) == (position == 1), full
+    _assert_same(_loss_and_grads(run, True, position, vision), _loss_and_grads(run, False, position, vision),
+                 len(IMAGE_SIZES))
 
 
 def test_a_block_that_padding_would_change_runs_sample_by_sample(llama):

@@ -54,6 +54,7 @@ def fixed_attrs(model):
         "optional_groups": {"vision": [VISION_BLOCKS]},
         # Qwen2.5-VL window and full-attention vision blocks get different cu_seqlens: rebuilt per block.
         "rebuilt_keys": ("cu_seqlens", "max_seqlen"),
+        "pack_boundaries": {"cu_seqlens": "max_seqlen"},   # vision samples (images of any size) pack
         "checkpoint_renames": CHECKPOINT_RENAMES,
     }
 

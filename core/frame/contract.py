@@ -58,6 +58,11 @@ class Traits:
     # tokens only (core/run/padding.py; a block whose padded outputs differ from its sample-by-sample
     # outputs runs sample by sample).  False: such samples always run one by one.
     pad_samples: bool = True
+    # Blocks that take packed sequences (no batch dimension; variable-length attention within cumulative
+    # boundaries, e.g. a ViT's ``cu_seqlens``): boundary kwarg -> the kwarg holding its longest segment or
+    # None, e.g. {"cu_seqlens": "max_seqlen"}.  Samples of such blocks share one forward, concatenated
+    # (core/run/packed_samples.py); with pad_samples False they run one by one.
+    pack_boundaries: dict[str, str | None] = field(default_factory=dict)
     # Stop the capture forward once every group's first block has been captured.
     stop_after_capture: bool = True
     # Output layout: folder (inside the model folder) and file prefix of the weights.

@@ -41,6 +41,12 @@ class Padded:
     lengths: list[int]      # each sample's real length
     dim: int                # the streams' sequence dimension
 
+    def pieces(self, output: Any) -> list[Any]:
+        """Each sample's row of the padded forward's output, cut back to its real length."""
+        longest = max(self.lengths)
+        rows = split_output(output, [1] * len(self.lengths))
+        return [trim(p, n, longest, self.dim) for p, n in zip(rows, self.lengths)]
+
 
 def pad_collate(samples: list[dict], stream_keys: tuple[str, ...]) -> Padded | None:
     """The samples' kwargs joined into one right-padded forward, or None where that is not possible."""
@@ -126,6 +132,21 @@ def _pad_mask(mask: torch.Tensor, length: int, longest: int) -> torch.Tensor:
     out[..., :length, :length] = mask
     out[..., length:, :] = seen
     return out
+
+
+def split_output(output: Any, rows: list[int]) -> list[Any]:
+    """A forward's output over stacked samples split into each sample's ``rows`` (tensors whose first
+    dimension is the total; anything else is every sample's)."""
+    total = sum(rows)
+    if isinstance(output, torch.Tensor):
+        if output.dim() > 0 and output.shape[0] == total:
+            return list(torch.split(output, rows, dim=0))
+        return [output] * len(rows)
+    if isinstance(output, (tuple, list)):
+        parts = [split_output(o, rows) for o in output]
+        return [type(output)(p[i] for p in parts) if isinstance(output, tuple) else [p[i] for p in parts]
+                for i in range(len(rows))]
+    return [output] * len(rows)
 
 
 def trim(output: Any, length: int, longest: int, dim: int) -> Any:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..model.blocks import Block
-from .padding import agree, pad_collate, trim
+from .packed_samples import pack_collate
+from .padding import agree, pad_collate, split_output
 from .store import GroupStore
 
 log = logging.getLogger("blockquant")
@@ -61,31 +62,20 @@ def collate(samples: list[dict]) -> dict | None:
     return out
 
 
-def split_output(output: Any, rows: list[int]) -> list[Any]:
-    total = sum(rows)
-    if isinstance(output, torch.Tensor):
-        if output.dim() > 0 and output.shape[0] == total:
-            return list(torch.split(output, rows, dim=0))
-        return [output] * len(rows)
-    if isinstance(output, (tuple, list)):
-        parts = [split_output(o, rows) for o in output]
-        return [type(output)(p[i] for p in parts) if isinstance(output, tuple) else [p[i] for p in parts]
-                for i in range(len(rows))]
-    return [output] * len(rows)
-
-
 class Replayer:
     """Runs blocks of one group on its captured samples."""
 
-    def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None, pad: bool = False):
+    def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None, pad: bool = False,
+                 pack: dict[str, str | None] | None = None):
         self.hook = hook            # the plugin manager's hook relay
         self.store = store
         self.device = device
         self.dtype = dtype
         self.max_batch = max_batch
-        self.pad = pad              # samples of different lengths share a padded forward (padding.py)
+        self.pad = pad              # samples of different lengths share a padded or packed forward
+        self.pack = pack or {}      # Traits.pack_boundaries (packed_samples.py)
         self.collatable: dict[int, bool] = {}   # block number -> did collation work
-        self.paddable: dict[int, bool] = {}     # block number -> did padding give the sample-by-sample outputs
+        self.paddable: dict[int, bool] = {}     # block number -> did padding/packing give the sample-by-sample outputs
         self.compiled: dict[int, Any] = {}      # block number -> what runs it instead of the module (torch.compile)
 
     def sample_kwargs(self, block: Block, i: int, streams: dict, state: dict, stream: str):
@@ -138,32 +128,27 @@ class Replayer:
         return [self._outputs(block, piece, kw, cached) for piece, (kw, cached) in zip(pieces, prepared)]
 
     def _padded(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict] | None:
-        """One right-padded forward (padding.py), each sample's output cut back to its length; None where
-        the samples cannot be padded.  The first padded forward of a block is checked against the
-        sample-by-sample forward; where they differ, the block runs sample by sample from then on."""
-        padded = pad_collate([kw for kw, _ in prepared], self.store.stream_keys)
-        if padded is None:
+        """One right-padded (padding.py) or packed (packed_samples.py) forward, each sample's output cut back to
+        its own tokens; None where the samples can be neither.  The first such forward of a block is checked
+        against the sample-by-sample forward; where they differ, the block runs sample by sample from then on."""
+        samples = [kw for kw, _ in prepared]
+        joined = pad_collate(samples, self.store.stream_keys) or pack_collate(samples, self.store.stream_keys, self.pack)
+        if joined is None:
             return None
         number = block.ref.number
         if number not in self.paddable:
             with torch.no_grad():
-                pieces = self._padded_pieces(block, padded)
-                alone = [self._module(block)(**kw) for kw, _ in prepared]
+                pieces = joined.pieces(self._module(block)(**joined.kwargs))
+                alone = [self._module(block)(**kw) for kw in samples]
             self.paddable[number] = all(agree(p, a, self.dtype) for p, a in zip(pieces, alone))
             if not self.paddable[number]:
-                log.info("block %s: padded samples do not reproduce the sample-by-sample outputs; "
-                         "its samples of different lengths run one by one", block.ref.name)
+                log.info("block %s: one forward for samples of different lengths does not reproduce the "
+                         "sample-by-sample outputs; its samples run one by one", block.ref.name)
                 return None
             if not torch.is_grad_enabled():
                 return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
-        pieces = self._padded_pieces(block, padded)
+        pieces = joined.pieces(self._module(block)(**joined.kwargs))
         return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
-
-    def _padded_pieces(self, block: Block, padded) -> list[Any]:
-        output = self._module(block)(**padded.kwargs)
-        longest = max(padded.lengths)
-        pieces = split_output(output, [1] * len(padded.lengths))
-        return [trim(p, n, longest, padded.dim) for p, n in zip(pieces, padded.lengths)]
 
     def _outputs(self, block: Block, output: Any, kwargs: dict, cached) -> dict:
         streams = self.hook.block_outputs(block=block.module, index=block.ref, output=output, inputs=kwargs, cached=cached)
