@@ -21,9 +21,12 @@ sample-by-sample forward, as for padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
+
+from .padding import narrowed
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -39,7 +42,8 @@ class Packed:
 
     def pieces(self, output: Any) -> list[Any]:
         """Each sample's part of the packed forward's output."""
-        return [_piece(output, start, n, sum(self.lengths)) for start, n in zip(_starts(self.lengths), self.lengths)]
+        total = sum(self.lengths)
+        return [narrowed(output, 0, start, n, total) for start, n in zip(_starts(self.lengths), self.lengths)]
 
 
 def pack_collate(samples: list[dict], stream_keys: tuple[str, ...], boundaries: dict[str, str | None]) -> Packed | None:
@@ -109,19 +113,5 @@ def _join(values: list[Any], lengths: list[int]) -> Any:
 
 
 def _starts(lengths: list[int]) -> list[int]:
-    out, total = [], 0
-    for n in lengths:
-        out.append(total)
-        total += n
-    return out
-
-
-def _piece(output: Any, start: int, n: int, total: int) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.narrow(0, start, n) if output.dim() > 0 and output.shape[0] == total else output
-    if isinstance(output, tuple):
-        parts = (_piece(o, start, n, total) for o in output)
-        return type(output)(*parts) if hasattr(output, "_fields") else type(output)(parts)
-    if isinstance(output, list):
-        return [_piece(o, start, n, total) for o in output]
-    return output
+    """Where each sample's tokens begin in the packed sequence."""
+    return list(accumulate(lengths[:-1], initial=0))

@@ -151,15 +151,19 @@ def split_output(output: Any, rows: list[int]) -> list[Any]:
 
 def trim(output: Any, length: int, longest: int, dim: int) -> Any:
     """One sample's piece of a padded output, cut back to its real length along ``dim``."""
+    return output if length == longest else narrowed(output, dim, 0, length, longest)
+
+
+def narrowed(output: Any, dim: int, start: int, length: int, size: int) -> Any:
+    """``output`` with every tensor whose ``dim`` is ``size`` long narrowed to ``start:start + length``
+    along it (in nested tuples, named tuples and lists; anything else as it is)."""
     if isinstance(output, torch.Tensor):
-        if length != longest and output.dim() > dim and output.shape[dim] == longest:
-            return output.narrow(dim, 0, length)
-        return output
+        return output.narrow(dim, start, length) if output.dim() > dim and output.shape[dim] == size else output
     if isinstance(output, tuple):
-        return type(output)(trim(o, length, longest, dim) for o in output) if not hasattr(output, "_fields") \
-            else type(output)(*(trim(o, length, longest, dim) for o in output))
+        parts = (narrowed(o, dim, start, length, size) for o in output)
+        return type(output)(*parts) if hasattr(output, "_fields") else type(output)(parts)
     if isinstance(output, list):
-        return [trim(o, length, longest, dim) for o in output]
+        return [narrowed(o, dim, start, length, size) for o in output]
     return output
 
 
