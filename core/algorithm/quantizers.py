@@ -133,14 +133,8 @@ class GroupedWeight:
         scale, zero = self.params(min_scale, max_scale)
         s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
         t = out.view(self.w.shape) if out.dtype == torch.float32 else torch.empty(self.w.shape, device=out.device)
-        torch.div(self.w, s3, out=t)
-        if v is not None:
-            t += self._grouped(v)
-        t.round_()
-        t += z3
-        t.clamp_(0, self.scheme.maxq)
-        t -= z3
-        t *= s3
+        _unclamped_codes(self.w, None if v is None else self._grouped(v), s3, z3, out=t)
+        _dequantize_(t.clamp_(0, self.scheme.maxq), s3, z3)
         if t.dtype != out.dtype:
             out.copy_(t.view(out.shape))
 
@@ -170,12 +164,25 @@ def _to_scale_dtype(scale: torch.Tensor) -> torch.Tensor:
 
 def _codes(w3, v3, s3, z3, maxq):
     """(unclamped codes, codes clamped to [0, maxq]) as float32: round(w / s + v) + z."""
-    t = w3 / s3
+    t = _unclamped_codes(w3, v3, s3, z3)
+    return t, t.clamp(0, maxq)
+
+
+def _unclamped_codes(w3, v3, s3, z3, out=None):
+    """round(w / s + v) + z as float32 (in ``out`` when given)."""
+    t = torch.div(w3, s3, out=out)
     if v3 is not None:
         t += v3
     t.round_()
     t += z3
-    return t, t.clamp(0, maxq)
+    return t
+
+
+def _dequantize_(codes, s3, z3):
+    """(codes - z) * s, in place."""
+    codes -= z3
+    codes *= s3
+    return codes
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -191,8 +198,7 @@ class _FakeQuant(torch.autograd.Function):
         unclamped, out = _codes(w3, v3, s3, z3, maxq)
         inside = unclamped == out
         del unclamped
-        out -= z3
-        out *= s3
+        _dequantize_(out, s3, z3)
         ctx.save_for_backward(w3, s3, inside, out)
         return out
 
