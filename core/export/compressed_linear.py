@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ModelFileError
 from .packing import period, unpack
+from .qlinear import dequantize_groups_
 
 PACKED = "pack-quantized"
 
@@ -96,12 +97,10 @@ class CompressedLinear(nn.Module):
             zero = _unpack(self.weight_zero_point, self.bits, 0, self.out_features).float()
         groups = scale.shape[1]
         if groups == 1 or groups * self.group_size == self.in_features:
-            w = q.view(self.out_features, groups, -1)
-            w.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+            index = None
         else:   # a short last group
-            g = torch.arange(self.in_features, device=q.device) // self.group_size
-            w = q.sub_(zero[:, g]).mul_(scale[:, g])
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+            index = torch.arange(self.in_features, device=q.device) // self.group_size
+        return dequantize_groups_(q, zero, scale, index).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -80,15 +80,12 @@ class QuantLinear(nn.Module):
             w = unpack(self.qweight.t(), self.bits, dim=1).to(torch.float32)      # [out, in]
             zeros = (unpack(self.qzeros, self.bits, dim=1) + self.zero_offset).t().float()   # [out, G]
         scales = self.scales.t().float()
-        groups = zeros.shape[1]
         plain = self.layout.group_index(self.in_features, device=w.device)
-        if (self.g_idx is None or torch.equal(self.g_idx.to(plain.dtype), plain)) and self.in_features % groups == 0:
-            grouped = w.view(self.out_features, groups, -1)
-            grouped.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+        if (self.g_idx is None or torch.equal(self.g_idx.to(plain.dtype), plain)) and self.in_features % zeros.shape[1] == 0:
+            index = None
         else:   # any other group assignment (act-order checkpoints, a short last group)
-            g = (plain if self.g_idx is None else self.g_idx).long()
-            w.sub_(zeros[:, g]).mul_(scales[:, g])
-        return w.to(dtype)
+            index = (plain if self.g_idx is None else self.g_idx).long()
+        return dequantize_groups_(w, zeros, scales, index).to(dtype)
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cache_weight:
@@ -114,3 +111,13 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def dequantize_groups_(w: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, index=None) -> torch.Tensor:
+    """In place: float32 codes ``w`` [out, in] <- (w - zero) * scale of each input's group (``zeros``,
+    ``scales``: [out, G]).  ``index`` [in]: the group of every input; None: G equal consecutive groups."""
+    if index is None:
+        w.view(w.shape[0], zeros.shape[1], -1).sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+    else:
+        w.sub_(zeros[:, index]).mul_(scales[:, index])
+    return w
