@@ -40,7 +40,8 @@ def load_model(source, settings):
 @hookimpl
 def fixed_attrs(model):
     vision = _model.vision_blocks_path(model)   # the text blocks are the engine's default block group
-    return {"rebuilt_keys": _replay.REBUILT_KEYS, "optional_groups": {"vision": [vision]} if vision else {}}
+    return {"rebuilt_keys": _replay.REBUILT_KEYS, "optional_groups": {"vision": [vision]} if vision else {},
+            "sample_state": ("shared_kv_states",)}   # each sample's stored keys/values: batched through a view
 
 
 @hookimpl

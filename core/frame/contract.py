@@ -63,6 +63,12 @@ class Traits:
     # None, e.g. {"cu_seqlens": "max_seqlen"}.  Samples of such blocks share one forward, concatenated
     # (core/run/packed_samples.py); with pad_samples False they run one by one.
     pack_boundaries: dict[str, str | None] = field(default_factory=dict)
+    # Keyword arguments holding each sample's own mutable mapping that the block's layers write and later
+    # layers read within one forward (e.g. keys/values one layer stores for the layers that reuse them);
+    # values are tensors or tuples of tensors with one row.  Samples of equal shapes then share one forward
+    # through a view that joins rows on read and splits them on write (core/run/sample_state.py);
+    # otherwise they run one by one.
+    sample_state: tuple[str, ...] = ()
     # Stop the capture forward once every group's first block has been captured.
     stop_after_capture: bool = True
     # Output layout: folder (inside the model folder) and file prefix of the weights.

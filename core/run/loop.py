@@ -50,7 +50,8 @@ class BlockLoop:
             # no stores: RTN straight from the weights (settings.weights_only), nothing to replay
             store = ctx.stores[g] if ctx.stores else None
             replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size,
-                                pad=ctx.traits.pad_samples, pack=ctx.traits.pack_boundaries) if store is not None else None
+                                pad=ctx.traits.pad_samples, pack=ctx.traits.pack_boundaries,
+                                state=ctx.traits.sample_state) if store is not None else None
             state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
                 state = GroupState.start(store) if store is not None else GroupState(0, [], [], [], [])

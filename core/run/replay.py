@@ -3,8 +3,8 @@
 Used for fp targets, for tuning's loss, for the quantized stream, and by ``quant verify``.  A
 sample's kwargs are its first-block kwargs + per-block cached kwargs + the current streams, then
 whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
-their kwargs allow it (tensors with a leading dim of one row and equal shapes; everything else the
-same object); samples of different lengths are right-padded (padding.py), and samples of blocks that
+their kwargs allow it (tensors with a leading dim of one row and equal shapes; per-sample state mappings
+the adapter names, through a view (sample_state.py); everything else the same object); samples of different lengths are right-padded (padding.py), and samples of blocks that
 take packed sequences are concatenated (packed_samples.py); otherwise they run one by one.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from ..model.blocks import Block
 from .packed_samples import pack_collate
 from .padding import agree, pad_collate, split_output
+from .sample_state import BatchedState, NotJoined, commit_states
 from .store import GroupStore
 
 log = logging.getLogger("blockquant")
@@ -50,13 +51,18 @@ def _collate(values: list[Any]) -> tuple[bool, Any]:
     return False, None
 
 
-def collate(samples: list[dict]) -> dict | None:
+def collate(samples: list[dict], state_keys: tuple[str, ...] = ()) -> dict | None:
+    """One forward's kwargs for ``samples``, or None; ``state_keys``: Traits.sample_state (sample_state.py)."""
     keys = set(samples[0])
     if any(set(s) != keys for s in samples):
         return None
     out = {}
     for key in keys:
-        ok, value = _collate([s[key] for s in samples])
+        values = [s[key] for s in samples]
+        ok, value = _collate(values)
+        if not ok and key in state_keys:
+            value = BatchedState.join(values)
+            ok = value is not None
         if not ok:
             return None
         out[key] = value
@@ -67,7 +73,7 @@ class Replayer:
     """Runs blocks of one group on its captured samples."""
 
     def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None, pad: bool = False,
-                 pack: dict[str, str | None] | None = None):
+                 pack: dict[str, str | None] | None = None, state: tuple[str, ...] = ()):
         self.hook = hook            # the plugin manager's hook relay
         self.store = store
         self.device = device
@@ -75,6 +81,7 @@ class Replayer:
         self.max_batch = max_batch
         self.pad = pad              # samples of different lengths share a padded or packed forward
         self.pack = pack or {}      # Traits.pack_boundaries (packed_samples.py)
+        self.state = tuple(state)   # Traits.sample_state (sample_state.py)
         self.collatable: dict[int, bool] = {}   # block number -> did collation work
         self.paddable: dict[int, bool] = {}     # block number -> did padding/packing give the sample-by-sample outputs
         self.compiled: dict[int, Any] = {}      # block number -> what runs it instead of the module (torch.compile)
@@ -114,7 +121,14 @@ class Replayer:
 
     def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
         number = block.ref.number
-        joined = collate([kw for kw, _ in prepared]) if len(prepared) > 1 and self.collatable.get(number, True) else None
+        joined = collate([kw for kw, _ in prepared], self.state) \
+            if len(prepared) > 1 and self.collatable.get(number, True) else None
+        if joined is not None:
+            try:
+                output = self._module(block)(**joined)
+            except NotJoined as reason:    # a state value the samples cannot share (sample_state.py)
+                log.info("block %s: %s; its samples run one by one", block.ref.name, reason)
+                joined = None
         if joined is None:
             if len(prepared) > 1:
                 self.collatable[number] = False
@@ -123,8 +137,8 @@ class Replayer:
                     if padded is not None:
                         return padded
             return [self._outputs(block, self._module(block)(**kw), kw, cached) for kw, cached in prepared]
+        commit_states(joined)
         rows = [1] * len(prepared)   # collation only joins one-row samples
-        output = self._module(block)(**joined)
         pieces = split_output(output, rows)
         return [self._outputs(block, piece, kw, cached) for piece, (kw, cached) in zip(pieces, prepared)]
 
