@@ -1,8 +1,11 @@
-"""Tuning time per iteration of a Qwen2.5-VL-shaped tiny model with images of three sizes vs one size.
+"""Tuning time per iteration of a tiny VLM with images of three sizes vs one size.
 
     python bench/vlm_lengths.py [--iters 20 --nsamples 12 --batch_size 4 --rounds 2] [--vision]
+                                [--adapter qwen_vl|gemma4]
 
-The model is the qwen_vl adapter's example (``quant --adapter qwen_vl``: 4 text blocks of width 128).
+The model is the qwen_vl adapter's example (``quant --adapter qwen_vl``: 4 text blocks of width 128), or with
+``--adapter gemma4`` the gemma4 adapter's multimodal example (4 text blocks of width 64, all of them storing
+or reading shared keys/values, whose samples join through the state view of core/run/sample_state.py).
 Every sample has the same caption; only the image size changes its length.  Three runs per round, all
 in this process on the CPU, the same settings otherwise:
 
@@ -61,10 +64,12 @@ def one_run(model: str, data: str, pad: bool, args) -> tuple[float, list[int]]:
     if not pad:
         loop.Replayer = Unpadded
     try:
-        result = api.quantize(model, adapter="qwen_vl", images=data, format="fake", keep_blocks=True, seed=0,
+        vision = {"quant_vision": args.vision} if args.adapter == "qwen_vl" else {}
+        result = api.quantize(model, adapter=args.adapter, images=data, format="fake", keep_blocks=True, seed=0,
                               device="cpu", iters=args.iters, nsamples=args.nsamples, seqlen=128,
-                              batch_size=args.batch_size, quant_vision=args.vision,
-                              **({"group_size": 32} if args.vision else {}))   # the vision width is 32
+                              batch_size=args.batch_size, **vision,
+                              # the qwen_vl vision width is 32; the gemma4 example's text width is 64
+                              **({"group_size": 32} if args.vision or args.adapter == "gemma4" else {}))
     finally:
         loop.tune_block, loop.Replayer = saved
     if not args.vision:
@@ -80,11 +85,17 @@ def one_run(model: str, data: str, pad: bool, args) -> tuple[float, list[int]]:
 def main():
     ap = run_parser(iters=20, nsamples=12, seqlen=None, batch_size=4, group_size=None)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--adapter", choices=("qwen_vl", "gemma4"), default="qwen_vl")
     ap.add_argument("--vision", action="store_true",
                     help="quantize the vision blocks too and time them (their images are packed, not padded)")
     args = ap.parse_args()
+    if args.vision and args.adapter != "qwen_vl":
+        ap.error("--vision times the qwen_vl example's vision blocks")
 
-    from blockquant.adapters.qwen_vl import example_model
+    if args.adapter == "gemma4":
+        from blockquant.adapters.gemma4 import example_multimodal as example_model
+    else:
+        from blockquant.adapters.qwen_vl import example_model
 
     runs = {"one size": ("one size", True), "three sizes": ("three sizes", True),
             "three sizes, one by one": ("three sizes", False)}

@@ -10,8 +10,7 @@ import torch
 from blockquant.adapters import gemma4
 from blockquant.adapters.gemma4.replay import STATE_KEY
 from blockquant.adapters.gemma4.versions import kv_strategy
-from blockquant.run.sample_state import BatchedState, NotJoined, commit_states
-from tuning_step import assert_same, captured, loss_and_grads, rel
+from tuning_step import LENGTHS, Prompts, assert_same, captured, loss_and_grads, rel
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +41,24 @@ def test_kv_sharing_blocks_share_one_forward_with_the_sample_by_sample_loss_grad
                 assert got.shape == want.shape and rel(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("position", [0, 1, 2, 3])
+def test_kv_sharing_blocks_pad_prompts_of_different_lengths_with_the_sample_by_sample_loss_gradients_and_state(
+        gemma, position):
+    """Prompts of four lengths (longer than the sliding window): one right-padded forward, whose state view
+    pads the stored keys/values the reading layers get and cuts what the storing layers write back to each
+    sample's tokens; checked against the sample-by-sample forward like any padded block."""
+    run = captured(gemma, "gemma4", Prompts(512))
+    assert sorted(s["hidden_states"].shape[1] for s in run.stores[0].streams) == sorted(LENGTHS)
+    batched = loss_and_grads(run, True, position, state=run.traits.sample_state, scale=1.0)
+    alone = loss_and_grads(run, False, position, scale=1.0)
+    assert_same(batched, alone, len(LENGTHS), joined_by="padding")
+    for mine, own, n in zip(batched[4], alone[4], [s["hidden_states"].shape[1] for s in run.stores[0].streams]):
+        assert mine[STATE_KEY].keys() == own[STATE_KEY].keys() and len(own[STATE_KEY]) == min(position + 1, 2)
+        for key in own[STATE_KEY]:
+            for got, want in zip(mine[STATE_KEY][key], own[STATE_KEY][key]):
+                assert got.shape == want.shape and want.shape[2] == n and rel(got, want) <= 1e-5
+
+
 def test_a_storing_block_batches_samples_whose_states_differ_in_what_it_overwrites(gemma):
     """In the tuning loop some samples already hold what an earlier iteration stored and others do not:
     a block that only writes that key still shares one forward, and every sample ends with its own rows."""
@@ -60,16 +77,3 @@ def test_a_storing_block_batches_samples_whose_states_differ_in_what_it_overwrit
     for mine, own in zip(batched[4], alone[4]):
         for got, want in zip(mine[STATE_KEY][key], own[STATE_KEY][key]):
             assert got.shape == want.shape and rel(got, want) <= 1e-5
-
-
-def test_a_state_view_refuses_reads_the_samples_cannot_share_and_writes_only_on_commit():
-    parts = [{"a": (torch.ones(1, 2),), "b": torch.ones(1, 3)}, {"a": (torch.zeros(1, 2),), "b": torch.ones(1, 4)}]
-    view = BatchedState.join(parts)
-    assert torch.equal(view["a"][0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
-    with pytest.raises(NotJoined):
-        view["b"]                               # shapes differ: the Replayer runs the samples one by one
-    view["c"] = torch.arange(4.0).view(2, 2)
-    assert torch.equal(view["c"], torch.arange(4.0).view(2, 2)) and all("c" not in p for p in parts)
-    commit_states({"state": view, "other": torch.ones(2)})
-    assert [p["c"].tolist() for p in parts] == [[[0.0, 1.0]], [[2.0, 3.0]]]
-    assert BatchedState.join([{}, None]) is None

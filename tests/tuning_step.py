@@ -6,10 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockquant import api
+from blockquant import api, hookimpl
 from blockquant.algorithm.tuned_linear import TunedLinear
 from blockquant.model.blocks import choose_layers
 from blockquant.run.replay import Replayer, stream_loss
+
+LENGTHS = (19, 32, 45, 27)    # prompt lengths of Prompts: every sample its own
+
+
+class Prompts:
+    """Calibration batches of the given lengths (a plugin registered on the run's plugin manager)."""
+
+    def __init__(self, vocab: int, lengths: tuple[int, ...] = LENGTHS):
+        g = torch.Generator().manual_seed(3)
+        self.batches = [{"input_ids": torch.randint(3, vocab, (1, n), generator=g),
+                         "attention_mask": torch.ones(1, n, dtype=torch.long)} for n in lengths]
+
+    @hookimpl(tryfirst=True)
+    def calibration_batches(self):
+        return self.batches
 
 
 def captured(folder, adapter, plugin=None, **settings):

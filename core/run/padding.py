@@ -31,7 +31,7 @@ import torch.nn.functional as F
 MASK_KEY = "attention_mask"
 
 
-class _NoPad(Exception):
+class NoPad(Exception):
     """The samples' kwargs cannot share one padded forward."""
 
 
@@ -62,7 +62,7 @@ def pad_collate(samples: list[dict], stream_keys: tuple[str, ...]) -> Padded | N
     dim, lengths = found
     try:
         joined = {key: _join([s[key] for s in samples], lengths, key == MASK_KEY) for key in keys}
-    except _NoPad:
+    except NoPad:
         return None
     return Padded(joined, lengths, dim)
 
@@ -86,17 +86,17 @@ def _join(values: list[Any], lengths: list[int], is_mask: bool) -> Any:
     if all(isinstance(v, torch.Tensor) for v in values):
         if is_mask:
             return torch.cat([_pad_mask(v, n, max(lengths)) for v, n in zip(values, lengths)])
-        return torch.cat(_pad_tensors(values, lengths))
+        return torch.cat(pad_tensors(values, lengths))
     if all(isinstance(v, tuple) for v in values) and len({len(v) for v in values}) == 1:
         return tuple(_join([v[i] for v in values], lengths, False) for i in range(len(first)))
-    raise _NoPad
+    raise NoPad
 
 
-def _pad_tensors(values: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+def pad_tensors(values: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
     """Zeros at the end of every dim whose size differs between the samples (it must be their length)."""
     differ = _differing_dims(values)
     if differ is None or any(v.shape[d] != n for d in differ for v, n in zip(values, lengths)):
-        raise _NoPad
+        raise NoPad
     longest = max(lengths)
     out = []
     for v, n in zip(values, lengths):
@@ -119,7 +119,7 @@ def _differing_dims(values: list[torch.Tensor]) -> list[int] | None:
 def _pad_mask(mask: torch.Tensor, length: int, longest: int) -> torch.Tensor:
     """A ``[1, heads, L, L]`` mask padded to ``longest``: padded keys hidden, padded queries see all."""
     if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[-1] != length or mask.shape[-2] != length:
-        raise _NoPad
+        raise NoPad
     if length == longest:
         return mask
     if mask.dtype == torch.bool:
@@ -127,7 +127,7 @@ def _pad_mask(mask: torch.Tensor, length: int, longest: int) -> torch.Tensor:
     elif mask.is_floating_point():
         hidden, seen = torch.finfo(mask.dtype).min, 0.0
     else:
-        raise _NoPad
+        raise NoPad
     out = torch.full((1, mask.shape[1], longest, longest), hidden, dtype=mask.dtype, device=mask.device)
     out[..., :length, :length] = mask
     out[..., length:, :] = seen

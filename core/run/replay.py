@@ -145,25 +145,51 @@ class Replayer:
     def _padded(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict] | None:
         """One right-padded (padding.py) or packed (packed_samples.py) forward, each sample's output cut back to
         its own tokens; None where the samples can be neither.  The first such forward of a block is checked
-        against the sample-by-sample forward; where they differ, the block runs sample by sample from then on."""
+        against the sample-by-sample forward, its outputs and the state it wrote (sample_state.py); where they
+        differ, the block runs sample by sample from then on."""
         samples = [kw for kw, _ in prepared]
-        joined = pad_collate(samples, self.store.stream_keys) or pack_collate(samples, self.store.stream_keys, self.pack)
+        joined = self._pad_or_pack(samples)
         if joined is None:
             return None
         number = block.ref.number
-        if number not in self.paddable:
-            with torch.no_grad():
-                pieces = joined.pieces(self._module(block)(**joined.kwargs))
-                alone = [self._module(block)(**kw) for kw in samples]
-            self.paddable[number] = all(agree(p, a, self.dtype) for p, a in zip(pieces, alone))
-            if not self.paddable[number]:
-                log.info("block %s: one forward for samples of different lengths does not reproduce the "
-                         "sample-by-sample outputs; its samples run one by one", block.ref.name)
-                return None
-            if not torch.is_grad_enabled():
-                return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
-        pieces = joined.pieces(self._module(block)(**joined.kwargs))
+        try:
+            if number not in self.paddable:
+                with torch.no_grad():
+                    pieces = joined.pieces(self._module(block)(**joined.kwargs))
+                    written = commit_states(joined.kwargs)
+                    stored = [part[key] for part, key in written]
+                    alone = [self._module(block)(**kw) for kw in samples]
+                    own = [part[key] for part, key in written]
+                self.paddable[number] = all(agree(p, a, self.dtype) for p, a in zip(pieces + stored, alone + own))
+                if not self.paddable[number]:
+                    log.info("block %s: one forward for samples of different lengths does not reproduce the "
+                             "sample-by-sample outputs; its samples run one by one", block.ref.name)
+                    return None
+                if not torch.is_grad_enabled():
+                    return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
+            pieces = joined.pieces(self._module(block)(**joined.kwargs))
+            commit_states(joined.kwargs)
+        except NotJoined as reason:    # a state the samples cannot share (sample_state.py)
+            log.info("block %s: %s; its samples run one by one", block.ref.name, reason)
+            self.paddable[number] = False
+            return None
         return [self._outputs(block, p, kw, cached) for p, (kw, cached) in zip(pieces, prepared)]
+
+    def _pad_or_pack(self, samples: list[dict]):
+        """The samples joined into one padded or packed forward, or None.  A state kwarg (Traits.sample_state)
+        that differs between the samples becomes a view that pads what the layers read (sample_state.py);
+        packed samples carry no such state."""
+        state = [k for k in self.state if k in samples[0] and any(s[k] is not samples[0][k] for s in samples)]
+        plain = [{k: v for k, v in s.items() if k not in state} for s in samples] if state else samples
+        joined = pad_collate(plain, self.store.stream_keys)
+        if joined is None:
+            return None if state else pack_collate(samples, self.store.stream_keys, self.pack)
+        for key in state:
+            view = BatchedState.join([s[key] for s in samples], joined.lengths)
+            if view is None:
+                return None
+            joined.kwargs[key] = view
+        return joined
 
     def _outputs(self, block: Block, output: Any, kwargs: dict, cached) -> dict:
         streams = self.hook.block_outputs(block=block.module, index=block.ref, output=output, inputs=kwargs, cached=cached)

@@ -17,9 +17,17 @@ view over the samples' mappings instead:
 - ``.to(device)`` moves the values in place and returns the view (dispatch hooks call it instead of
   rebuilding the mapping).
 
-Reading a key that some samples lack, or whose values differ in shape between samples, raises
-``NotJoined``; the forward had written nothing into the samples' mappings yet, and ``Replayer`` runs the
-block's samples one by one from then on.
+Samples of different lengths (a right-padded forward, padding.py) get a view that knows each sample's
+length: a value read is padded with zeros at the end of every dimension whose size differs between the
+samples (which must be their lengths: the keys/values of each sample's tokens), and a value written is cut
+back to each sample's length along its one dimension as long as the longest sample.  The padded positions
+are hidden by the padded attention mask, and the first padded forward of every block is checked against
+the sample-by-sample forward, its outputs and what it stored (``Replayer._padded``).
+
+Reading a key that some samples lack, or whose values the samples cannot share (shapes that differ
+otherwise), and a written value whose token dimension cannot be told apart, raise ``NotJoined``; nothing
+has been written into the samples' mappings then, and ``Replayer`` runs the block's samples one by one
+from then on.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ from collections.abc import MutableMapping
 from typing import Any, Iterator
 
 import torch
+
+from .padding import NoPad, pad_tensors
 
 
 class NotJoined(Exception):
@@ -40,10 +50,27 @@ def _join(values: list[Any]) -> Any:
     return tuple(_join([v[i] for v in values]) for i in range(len(first)))
 
 
-def _row(value: Any, i: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[i:i + 1]
-    return tuple(_row(v, i) for v in value)
+def _join_padded(values: list[Any], lengths: list[int]) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(pad_tensors(values, lengths), dim=0)
+    if isinstance(first, tuple) and all(isinstance(v, tuple) and len(v) == len(first) for v in values):
+        return tuple(_join_padded([v[i] for v in values], lengths) for i in range(len(first)))
+    raise NoPad
+
+
+def _row(value: Any, i: int, length: int | None = None, longest: int | None = None) -> Any:
+    """Sample ``i``'s row of a batched value, cut back to ``length`` along its one dim of size ``longest``."""
+    if isinstance(value, tuple):
+        return tuple(_row(v, i, length, longest) for v in value)
+    row = value[i:i + 1]
+    if length is None or length == longest:
+        return row
+    dims = [d for d in range(1, row.dim()) if row.shape[d] == longest]
+    if len(dims) > 1:
+        raise NotJoined(f"a written state of shape {tuple(row.shape)} has several dimensions as long as the "
+                        f"longest sample ({longest})")
+    return row.narrow(dims[0], 0, length) if dims else row
 
 
 def _shapes(value: Any) -> list[tuple] | None:
@@ -65,13 +92,14 @@ def _moved(value: Any, device, non_blocking: bool) -> Any:
 class BatchedState(MutableMapping):
     """The view one collated forward gets in place of its samples' state mappings (module docstring)."""
 
-    def __init__(self, parts: list[MutableMapping]):
+    def __init__(self, parts: list[MutableMapping], lengths: list[int] | None = None):
         self.parts = parts
+        self.lengths = lengths      # each sample's length in a right-padded forward; None: stacked as they are
         self.written: dict = {}     # batched values the forward wrote, committed per sample afterwards
 
     @classmethod
-    def join(cls, parts: list[Any]) -> "BatchedState | None":
-        return cls(parts) if all(isinstance(p, MutableMapping) for p in parts) else None
+    def join(cls, parts: list[Any], lengths: list[int] | None = None) -> "BatchedState | None":
+        return cls(parts, lengths) if all(isinstance(p, MutableMapping) for p in parts) else None
 
     def __getitem__(self, key):
         if key in self.written:
@@ -79,6 +107,11 @@ class BatchedState(MutableMapping):
         if not all(key in p for p in self.parts):
             raise NotJoined(f"state {key!r} is held by only some of the samples")
         values = [p[key] for p in self.parts]
+        if self.lengths is not None:
+            try:
+                return _join_padded(values, self.lengths)
+            except NoPad:
+                raise NotJoined(f"state {key!r} cannot be padded to the longest sample") from None
         shapes = [_shapes(v) for v in values]
         if shapes[0] is None or any(s != shapes[0] for s in shapes):
             raise NotJoined(f"state {key!r} differs in shape between the samples")
@@ -108,16 +141,26 @@ class BatchedState(MutableMapping):
             self.written[key] = _moved(self.written[key], device, non_blocking)
         return self
 
-    def commit(self) -> None:
-        """Write row ``i`` of every value the forward wrote into sample ``i``'s mapping."""
-        for key, value in self.written.items():
-            for i, part in enumerate(self.parts):
-                part[key] = _row(value, i)
+    def rows(self) -> dict:
+        """Each written value split into the samples' rows, cut back to each sample's length (may raise
+        ``NotJoined``; nothing is written)."""
+        longest = max(self.lengths) if self.lengths else None
+        return {key: [_row(value, i, self.lengths[i] if self.lengths else None, longest)
+                      for i in range(len(self.parts))] for key, value in self.written.items()}
+
+    def write(self, rows: dict) -> list[tuple[MutableMapping, Any]]:
+        """Write ``rows`` (from ``rows()``) into the samples' mappings; returns the (mapping, key) pairs."""
+        done = []
+        for key, values in rows.items():
+            for part, value in zip(self.parts, values):
+                part[key] = value
+                done.append((part, key))
         self.written.clear()
+        return done
 
 
-def commit_states(kwargs: dict) -> None:
-    """After a collated forward returned: commit the writes of its ``BatchedState`` views."""
-    for value in kwargs.values():
-        if isinstance(value, BatchedState):
-            value.commit()
+def commit_states(kwargs: dict) -> list[tuple[MutableMapping, Any]]:
+    """After a collated or padded forward returned: write what its ``BatchedState`` views hold into the
+    samples' mappings, all or nothing; returns the (mapping, key) pairs written."""
+    planned = [(v, v.rows()) for v in kwargs.values() if isinstance(v, BatchedState)]
+    return [pair for view, rows in planned for pair in view.write(rows)]
