@@ -3,9 +3,10 @@
 Used for fp targets, for tuning's loss, for the quantized stream, and by ``quant verify``.  A
 sample's kwargs are its first-block kwargs + per-block cached kwargs + the current streams, then
 whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
-their kwargs allow it (tensors with a leading dim of one row and equal shapes; per-sample state mappings
-the adapter names, through a view (sample_state.py); everything else the same object); samples of different lengths are right-padded (padding.py), and samples of blocks that
-take packed sequences are concatenated (packed_samples.py); otherwise they run one by one.
+their kwargs allow it (tensors with a leading dim of one row and equal shapes; per-sample state
+mappings the adapter names, through a view (sample_state.py); everything else the same object);
+samples of different lengths are right-padded (padding.py), and samples of blocks that take packed
+sequences are concatenated (packed_samples.py); otherwise they run one by one.
 """
 from __future__ import annotations
 

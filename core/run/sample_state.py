@@ -43,19 +43,15 @@ class NotJoined(Exception):
     """The samples' state values cannot be read as one batch."""
 
 
-def _join(values: list[Any]) -> Any:
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(values, dim=0)
-    return tuple(_join([v[i] for v in values]) for i in range(len(first)))
-
-
-def _join_padded(values: list[Any], lengths: list[int]) -> Any:
+def _joined(values: list[Any], lengths: list[int] | None) -> Any:
+    """The samples' values (tensors with one row, or tuples of them) concatenated along the rows; with
+    ``lengths``, padded at the end of each dimension whose size differs (it must be the samples' lengths),
+    without, no dimension may differ.  Raises NoPad otherwise."""
     first = values[0]
     if isinstance(first, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in values):
-        return torch.cat(pad_tensors(values, lengths), dim=0)
+        return torch.cat(pad_tensors(values, lengths or [-1] * len(values)), dim=0)   # -1: matches no size
     if isinstance(first, tuple) and all(isinstance(v, tuple) and len(v) == len(first) for v in values):
-        return tuple(_join_padded([v[i] for v in values], lengths) for i in range(len(first)))
+        return tuple(_joined([v[i] for v in values], lengths) for i in range(len(first)))
     raise NoPad
 
 
@@ -71,16 +67,6 @@ def _row(value: Any, i: int, length: int | None = None, longest: int | None = No
         raise NotJoined(f"a written state of shape {tuple(row.shape)} has several dimensions as long as the "
                         f"longest sample ({longest})")
     return row.narrow(dims[0], 0, length) if dims else row
-
-
-def _shapes(value: Any) -> list[tuple] | None:
-    """The shapes of ``value``'s tensors where each has one row, else None."""
-    if isinstance(value, torch.Tensor):
-        return [tuple(value.shape)] if value.dim() > 0 and value.shape[0] == 1 else None
-    if isinstance(value, tuple) and value:
-        shapes = [_shapes(v) for v in value]
-        return None if any(s is None for s in shapes) else [s for part in shapes for s in part]
-    return None
 
 
 def _moved(value: Any, device, non_blocking: bool) -> Any:
@@ -106,16 +92,11 @@ class BatchedState(MutableMapping):
             return self.written[key]
         if not all(key in p for p in self.parts):
             raise NotJoined(f"state {key!r} is held by only some of the samples")
-        values = [p[key] for p in self.parts]
-        if self.lengths is not None:
-            try:
-                return _join_padded(values, self.lengths)
-            except NoPad:
-                raise NotJoined(f"state {key!r} cannot be padded to the longest sample") from None
-        shapes = [_shapes(v) for v in values]
-        if shapes[0] is None or any(s != shapes[0] for s in shapes):
-            raise NotJoined(f"state {key!r} differs in shape between the samples")
-        return _join(values)
+        try:
+            return _joined([p[key] for p in self.parts], self.lengths)
+        except NoPad:
+            raise NotJoined(f"state {key!r} differs in shape between the samples"
+                            + (" otherwise than by their lengths" if self.lengths else "")) from None
 
     def __setitem__(self, key, value) -> None:
         self.written[key] = value
