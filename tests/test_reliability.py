@@ -139,6 +139,12 @@ CASES = [
     ("no-config", lambda m, t: (os.remove(os.path.join(m, "config.json")), [m])[1], 2, "neither config.json", False),
     ("config-not-json", lambda m, t: (_bad_json(m), [m])[1], 2, "not valid JSON", False),
     ("unknown-adapter", lambda m, t: [m, "--adapter", "nosuch"], 2, "unknown adapter 'nosuch'", False),
+    # checked in the order that costs the user least: a wrong path before any adapter is looked up,
+    # an unknown adapter before a hub download
+    ("missing-folder-and-adapter", lambda m, t: [os.path.join(t, "nope"), "--adapter", "nosuch"], 2, "does not exist",
+     False),
+    ("hub-name-unknown-adapter", lambda m, t: ["someorg/somemodel", "--adapter", "nosuch"], 2,
+     "unknown adapter 'nosuch'", False),
     ("unsupported-model-type", lambda m, t: (_edit_config(m, model_type="made_up_lm", architectures=["MadeUpLM"]),
                                           [m, "--adapter", ""])[1],
      2, "no adapter handles model_type 'made_up_lm'", False),

@@ -29,18 +29,21 @@ log = logging.getLogger("blockquant")
 def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Run:
     """Steps 1-5: adapter, versions, options, load, traits, patches; non-block weights materialised."""
     run = Run(ctx=RunContext(settings=settings))
+    if model is None and not adapter:
+        raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
+    if model is not None:
+        ModelSource.is_hub_name(model)         # a wrong path fails at once, before the adapters are imported
     entries = plugins.discover()
-    if model is None:
-        if not adapter:
-            raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
-        run.entry = plugins.get_adapter(adapter, entries)
+    if adapter:
+        run.entry = plugins.get_adapter(adapter, entries)   # an unknown name fails before a hub download
         plugins.check_versions(run.entry)      # before the example is built
+    if model is None:
         parse_options(run.entry.info.options, settings.options, run.entry.name)     # a wrong option: say so first
         model = _example_folder(run)
     run.ctx.source = ModelSource.resolve(model)
     if run.entry is None:
-        run.entry = plugins.get_adapter(adapter, entries) if adapter else plugins.detect_adapter(run.source, entries)
-    plugins.check_versions(run.entry)
+        run.entry = plugins.detect_adapter(run.source, entries)
+        plugins.check_versions(run.entry)
     run.ctx.options = parse_options(run.entry.info.options, settings.options, run.entry.name)
     log.info("adapter %s (%s %s) for %s", run.entry.name, run.entry.distribution, run.entry.version, run.source.path)
     run.hooks = AdapterHooks(plugins.run_manager(run.entry), run.ctx, run.entry.name)
