@@ -16,6 +16,7 @@ import torch
 
 from ..data.processors import load_processor
 from ..errors import ModelFileError
+from .hub_names import is_hub_name
 
 log = logging.getLogger("blockquant")
 
@@ -28,21 +29,9 @@ class ModelSource:
     config: dict | None = None
     model_index: dict | None = None
 
-    @staticmethod
-    def is_hub_name(path: str) -> bool:
-        """Whether ``path`` names a hub model (``org/name``, no such local folder); raises ModelFileError for
-        a path that is neither a folder nor a hub name.  Cheap: callers check it before anything slow."""
-        if os.path.isdir(path):
-            return False
-        if os.path.exists(path):
-            raise ModelFileError(f"model path {path} is a file; pass the folder that holds config.json")
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
-            return True
-        raise ModelFileError(f"model folder {path} does not exist; pass a local folder or a hub name (org/name)")
-
     @classmethod
     def resolve(cls, path: str) -> "ModelSource":
-        if cls.is_hub_name(path):
+        if is_hub_name(path):
             path = _download(path)
         config = read_json(os.path.join(path, "config.json"))
         model_index = read_json(os.path.join(path, "model_index.json"))

@@ -16,6 +16,7 @@ from ..frame.contract import RunContext, Traits
 from ..frame.hooks import AdapterHooks, reported
 from ..frame.options import parse_options
 from ..model.blocks import resolve_groups
+from ..model.hub_names import is_hub_name
 from ..model.published import publish_like
 from ..model.model_io import ModelSource, WeightStore, materialize, still_meta, tie_if_needed
 from ..model.streaming import BlockLoader
@@ -32,7 +33,7 @@ def prepare(model: str | None, adapter: str | None, settings: RunSettings) -> Ru
     if model is None and not adapter:
         raise UsageError("pass a model folder, or --adapter NAME to quantize that adapter's tiny example model")
     if model is not None:
-        ModelSource.is_hub_name(model)         # a wrong path fails at once, before the adapters are imported
+        is_hub_name(model)                     # a wrong path fails at once, before the adapters are imported
     entries = plugins.discover()
     if adapter:
         run.entry = plugins.get_adapter(adapter, entries)   # an unknown name fails before a hub download
