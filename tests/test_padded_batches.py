@@ -104,6 +104,8 @@ def test_a_padding_state_view_pads_reads_and_cuts_writes_back_to_each_sample():
     written = commit_states({"state": view})
     assert written == [(parts[0], "new"), (parts[1], "new")]
     assert parts[0]["new"].shape == (1, 3, 4) and torch.equal(parts[1]["new"][0], torch.arange(20.0, 40.0).view(5, 4))
+    # each sample's row in storage of its own: no sample keeps the whole batch's tensor alive
+    assert all(p["new"].untyped_storage().nbytes() == p["new"].numel() * 4 for p in parts)
     ambiguous = BatchedState.join([{}, {}], lengths=[3, 5])
     ambiguous["x"] = torch.zeros(2, 5, 5)       # which dim holds the tokens? the block runs one by one
     ambiguous["y"] = torch.zeros(2, 5)

@@ -56,17 +56,19 @@ def _joined(values: list[Any], lengths: list[int] | None) -> Any:
 
 
 def _row(value: Any, i: int, length: int | None = None, longest: int | None = None) -> Any:
-    """Sample ``i``'s row of a batched value, cut back to ``length`` along its one dim of size ``longest``."""
+    """Sample ``i``'s row of a batched value, cut back to ``length`` along its one dim of size ``longest``,
+    in storage of its own: a view would keep the whole batch's tensor alive for as long as any one sample
+    holds its row (states outlive the forward, and the tuning loop replaces them a mini-batch at a time)."""
     if isinstance(value, tuple):
         return tuple(_row(v, i, length, longest) for v in value)
     row = value[i:i + 1]
-    if length is None or length == longest:
-        return row
-    dims = [d for d in range(1, row.dim()) if row.shape[d] == longest]
-    if len(dims) > 1:
-        raise NotJoined(f"a written state of shape {tuple(row.shape)} has several dimensions as long as the "
-                        f"longest sample ({longest})")
-    return row.narrow(dims[0], 0, length) if dims else row
+    if length is not None and length != longest:
+        dims = [d for d in range(1, row.dim()) if row.shape[d] == longest]
+        if len(dims) > 1:
+            raise NotJoined(f"a written state of shape {tuple(row.shape)} has several dimensions as long as the "
+                            f"longest sample ({longest})")
+        row = row.narrow(dims[0], 0, length) if dims else row
+    return row.clone()
 
 
 def _moved(value: Any, device, non_blocking: bool) -> Any:
