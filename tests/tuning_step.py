@@ -28,7 +28,7 @@ class Prompts:
 
 
 def captured(folder, adapter, plugin=None, **settings):
-    run = api.prepare(folder, adapter, api.make_settings(nsamples=4, seqlen=96, group_size=32, **settings))
+    run = api.prepare(folder, adapter, api.make_settings(**{"nsamples": 4, "seqlen": 96, "group_size": 32, **settings}))
     if plugin is not None:
         run.hooks.pm.register(plugin)
     api.capture_inputs(run)
@@ -36,7 +36,7 @@ def captured(folder, adapter, plugin=None, **settings):
 
 
 def loss_and_grads(run, pad: bool, position: int = 0, group: int = 0, state: tuple[str, ...] = (),
-                    scale: float = 2.0 ** 20, prepare_states=None):
+                    scale: float = 2.0 ** 20, prepare_states=None, batch: int | None = None):
     """Block ``position`` of group ``group`` (its inputs: the blocks before it, run one by one whatever is
     tested): fp targets, then one tuning loss over all samples and its backward, with rounding offsets and
     clipping scales set away from round-to-nearest.  Returns the loss, the gradients, the number of block
@@ -48,7 +48,7 @@ def loss_and_grads(run, pad: bool, position: int = 0, group: int = 0, state: tup
     for earlier in run.groups[group][:position]:
         run.loader.load(earlier)
         with torch.no_grad():
-            streams = alone.run(earlier, streams, states, "fp", batch=n)
+            streams = alone.run(earlier, streams, states, "fp", batch=1)
     block = run.groups[group][position]
     run.loader.load(block)
     for p in block.module.parameters():
@@ -75,7 +75,7 @@ def loss_and_grads(run, pad: bool, position: int = 0, group: int = 0, state: tup
         for st in tuned.values():
             st.install()
         with torch.enable_grad():
-            outs = replayer.run(block, streams, states, "quant", list(range(n)), batch=n)
+            outs = replayer.run(block, streams, states, "quant", list(range(n)), batch=batch or n)
             loss = stream_loss(outs, targets)
             # scaled by 2^20 (exactly) by default: the clipping scales' gradients pass a float16 rounding of the
             # scale, which flushes gradients this small (the loss of a random tiny block) to float16 subnormals

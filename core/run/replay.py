@@ -3,8 +3,9 @@
 Used for fp targets, for tuning's loss, for the quantized stream, and by ``quant verify``.  A
 sample's kwargs are its first-block kwargs + per-block cached kwargs + the current streams, then
 whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
-their kwargs allow it (tensors with a leading dim of one row and equal shapes; per-sample state
-mappings the adapter names, through a view (sample_state.py); everything else the same object);
+their kwargs allow it (tensors with a leading dim of one row and equal shapes; tuples and plain dicts
+item by item; per-sample state mappings the adapter names, through a view (sample_state.py); everything
+else the same object);
 samples of different lengths are right-padded (padding.py), and samples of blocks that take packed
 sequences are concatenated (packed_samples.py); otherwise they run one by one.
 """
@@ -49,6 +50,10 @@ def _collate(values: list[Any]) -> tuple[bool, Any]:
     if all(isinstance(v, tuple) for v in values) and len({len(v) for v in values}) == 1:
         parts = [_collate([v[i] for v in values]) for i in range(len(first))]
         return all(ok for ok, _ in parts), tuple(p for _, p in parts)
+    if all(type(v) is dict for v in values) and all(v.keys() == first.keys() for v in values):
+        # (cast() copies plain dicts per sample, so an options dict every sample shares is equal, not identical)
+        items = {k: _collate([v[k] for v in values]) for k in first}
+        return all(ok for ok, _ in items.values()), {k: p for k, (_, p) in items.items()}
     return False, None
 
 
