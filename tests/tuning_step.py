@@ -54,7 +54,7 @@ def loss_and_grads(run, pad: bool, position: int = 0, group: int = 0, state: tup
     for p in block.module.parameters():
         p.requires_grad_(False)
     replayer = Replayer(run.hooks, store, run.device, run.compute_dtype, pad=pad, pack=run.traits.pack_boundaries,
-                        state=state)
+                        state=state, shared=run.traits.shared_keys)
     with torch.no_grad():
         targets = replayer.run(block, streams, [dict(s) for s in states], "fp", batch=n)
     layers = choose_layers(block, run.settings.scheme, run.traits.fp_layers, run.settings.ignore_layers).quantize

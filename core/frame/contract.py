@@ -42,7 +42,9 @@ class Traits:
     # the other (the output streams of one feed the next, e.g. a diffusion transformer's double- then
     # single-stream blocks).  The first block of each group is captured from the model's forward.
     block_groups: list[list[str]] = field(default_factory=list)
-    # Keyword arguments known to be identical for all samples: stored once, never compared.
+    # Keyword arguments known to be identical for all samples: stored once, never compared at capture; a
+    # collated forward takes the first sample's value where the samples' values are equal (replay copies
+    # plain dicts per sample, so a shared options dict is equal, not identical).
     shared_keys: tuple[str, ...] = ()
     # Keyword arguments that vary from block to block and that ``replay_inputs`` rebuilds.
     rebuilt_keys: tuple[str, ...] = ()

@@ -51,7 +51,8 @@ class BlockLoop:
             store = ctx.stores[g] if ctx.stores else None
             replayer = Replayer(ctx.hooks, store, ctx.device, ctx.compute_dtype, ctx.traits.max_batch_size,
                                 pad=ctx.traits.pad_samples, pack=ctx.traits.pack_boundaries,
-                                state=ctx.traits.sample_state) if store is not None else None
+                                state=ctx.traits.sample_state, shared=ctx.traits.shared_keys) \
+                if store is not None else None
             state = ctx.resume.restore_group(g, len(chain)) if ctx.resume else None
             if state is None:
                 state = GroupState.start(store) if store is not None else GroupState(0, [], [], [], [])

@@ -3,9 +3,9 @@
 Used for fp targets, for tuning's loss, for the quantized stream, and by ``quant verify``.  A
 sample's kwargs are its first-block kwargs + per-block cached kwargs + the current streams, then
 whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
-their kwargs allow it (tensors with a leading dim of one row and equal shapes; tuples and plain dicts
-item by item; per-sample state mappings the adapter names, through a view (sample_state.py); everything
-else the same object);
+their kwargs allow it (tensors with a leading dim of one row and equal shapes; kwargs the adapter declares
+shared, when equal; per-sample state mappings the adapter names, through a view (sample_state.py);
+everything else the same object);
 samples of different lengths are right-padded (padding.py), and samples of blocks that take packed
 sequences are concatenated (packed_samples.py); otherwise they run one by one.
 """
@@ -20,7 +20,7 @@ from ..model.blocks import Block
 from .packed_samples import pack_collate
 from .padding import agree, pad_collate, split_output
 from .sample_state import BatchedState, NotJoined, commit_states
-from .store import GroupStore
+from .store import GroupStore, same_value
 
 log = logging.getLogger("blockquant")
 
@@ -50,21 +50,22 @@ def _collate(values: list[Any]) -> tuple[bool, Any]:
     if all(isinstance(v, tuple) for v in values) and len({len(v) for v in values}) == 1:
         parts = [_collate([v[i] for v in values]) for i in range(len(first))]
         return all(ok for ok, _ in parts), tuple(p for _, p in parts)
-    if all(type(v) is dict for v in values) and all(v.keys() == first.keys() for v in values):
-        # (cast() copies plain dicts per sample, so an options dict every sample shares is equal, not identical)
-        items = {k: _collate([v[k] for v in values]) for k in first}
-        return all(ok for ok, _ in items.values()), {k: p for k, (_, p) in items.items()}
     return False, None
 
 
-def collate(samples: list[dict], state_keys: tuple[str, ...] = ()) -> dict | None:
-    """One forward's kwargs for ``samples``, or None; ``state_keys``: Traits.sample_state (sample_state.py)."""
+def collate(samples: list[dict], state_keys: tuple[str, ...] = (), shared_keys: tuple[str, ...] = ()) -> dict | None:
+    """One forward's kwargs for ``samples``, or None; ``state_keys``: Traits.sample_state (sample_state.py);
+    ``shared_keys``: Traits.shared_keys, taken from the first sample where every sample's value is equal
+    (``cast`` copies plain dicts per sample: an options dict the samples share is equal, not identical)."""
     keys = set(samples[0])
     if any(set(s) != keys for s in samples):
         return None
     out = {}
     for key in keys:
         values = [s[key] for s in samples]
+        if key in shared_keys and all(same_value(v, values[0]) for v in values[1:]):
+            out[key] = values[0]
+            continue
         ok, value = _collate(values)
         if not ok and key in state_keys:
             value = BatchedState.join(values)
@@ -79,7 +80,7 @@ class Replayer:
     """Runs blocks of one group on its captured samples."""
 
     def __init__(self, hook, store: GroupStore, device, dtype, max_batch: int | None = None, pad: bool = False,
-                 pack: dict[str, str | None] | None = None, state: tuple[str, ...] = ()):
+                 pack: dict[str, str | None] | None = None, state: tuple[str, ...] = (), shared: tuple[str, ...] = ()):
         self.hook = hook            # the plugin manager's hook relay
         self.store = store
         self.device = device
@@ -88,6 +89,7 @@ class Replayer:
         self.pad = pad              # samples of different lengths share a padded or packed forward
         self.pack = pack or {}      # Traits.pack_boundaries (packed_samples.py)
         self.state = tuple(state)   # Traits.sample_state (sample_state.py)
+        self.shared = tuple(shared)  # Traits.shared_keys: equal for every sample
         self.collatable: dict[int, bool] = {}   # block number -> did collation work
         self.paddable: dict[int, bool] = {}     # block number -> did padding/packing give the sample-by-sample outputs
         self.compiled: dict[int, Any] = {}      # block number -> what runs it instead of the module (torch.compile)
@@ -127,7 +129,7 @@ class Replayer:
 
     def _forward(self, block: Block, prepared: list[tuple[dict, Any]]) -> list[dict]:
         number = block.ref.number
-        joined = collate([kw for kw, _ in prepared], self.state) \
+        joined = collate([kw for kw, _ in prepared], self.state, self.shared) \
             if len(prepared) > 1 and self.collatable.get(number, True) else None
         if joined is not None:
             try:
