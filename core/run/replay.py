@@ -5,9 +5,8 @@ sample's kwargs are its first-block kwargs + per-block cached kwargs + the curre
 whatever the adapter's ``replay_inputs`` rebuilds.  Samples are collated into one forward when
 their kwargs allow it (tensors with a leading dim of one row and equal shapes; kwargs the adapter declares
 shared, when equal; per-sample state mappings the adapter names, through a view (sample_state.py);
-everything else the same object);
-samples of different lengths are right-padded (padding.py), and samples of blocks that take packed
-sequences are concatenated (packed_samples.py); otherwise they run one by one.
+everything else the same object); samples of different lengths are right-padded (padding.py), and samples
+of blocks that take packed sequences are concatenated (packed_samples.py); otherwise they run one by one.
 """
 from __future__ import annotations
 
